@@ -1,0 +1,118 @@
+"""Guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models", stage one).
+
+A student eps_phi(x_t, t, y, s) takes the guidance scale s as an input and learns the teacher's
+guided prediction in one pass:
+    L = E_{x_0, y, t, eps, s} || eps_phi(x_t, t, y, s) - [eps_u + s (eps_c - eps_u)] ||^2,
+the target from the teacher's EMA weights via `guided_noise_pred` (the function the sampler uses).
+The student is the teacher's architecture plus a guidance embedder (embeddings.Conditioning) whose
+last layer is zero: it starts as the teacher's conditional prediction, eps_c, and every teacher
+weight is copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .data import load_dataset
+from .errors import UserError
+from .guidance import guided_noise_pred
+from .models import DiffusionModel, build_model
+from .schedulers import DDPMScheduler
+from .train import RECIPES, FitResult, fit, pick_device
+
+
+@dataclass
+class DistillConfig:
+    steps: int | None = None  # None: RECIPES[dataset]["distill_steps"]
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    s_min: float = 0.0
+    s_max: float = 6.0
+    p_s0: float = 0.2  # share of samples at exactly s = 0 (the student must learn to ignore y there)
+    p_s1: float = 0.1  # ... and at exactly s = 1 (plain conditional)
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+    data_dir: str = "./data"
+
+
+def make_student(teacher: DiffusionModel) -> DiffusionModel:
+    """The teacher's architecture with a guidance embedder; all teacher weights copied; no label dropout."""
+    if teacher.is_student:
+        raise UserError("this model is already a guidance-distilled student; distil from its teacher instead")
+    student = build_model(teacher.arch, **{**teacher.config, "guidance_embed": True, "p_uncond": 0.0})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("cond.guidance.") for k in missing), (missing, unexpected)
+    return student.to(next(teacher.parameters()).device)
+
+
+def sample_scales(n: int, cfg: DistillConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n,) scales: s = 0 with prob p_s0, s = 1 with prob p_s1, else uniform in [s_min, s_max]."""
+    u = torch.rand(n, device=device)
+    s = cfg.s_min + (cfg.s_max - cfg.s_min) * torch.rand(n, device=device)
+    s = torch.where(u < cfg.p_s0, torch.zeros_like(s), s)
+    return torch.where((u >= cfg.p_s0) & (u < cfg.p_s0 + cfg.p_s1), torch.ones_like(s), s)
+
+
+def distillation_loss(
+    teacher: DiffusionModel, scheduler: DDPMScheduler, cfg: DistillConfig
+) -> Callable[[DiffusionModel, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """MSE between the student's one-pass prediction and the teacher's CFG prediction, at random (t, s)."""
+
+    def loss_fn(student: DiffusionModel, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)  # (B,)
+        x_t = scheduler.add_noise(x0, torch.randn_like(x0), t)  # (B, C, H, W)
+        s = sample_scales(x0.shape[0], cfg, x0.device)  # (B,)
+        with torch.no_grad():
+            target = guided_noise_pred(teacher, x_t, t, y, s)  # (B, C, H, W)
+        return F.mse_loss(student(x_t, t, y, guidance=s).float(), target.float())
+
+    return loss_fn
+
+
+def distill_student(
+    teacher_path: str | Path, cfg: DistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
+) -> FitResult:
+    """Distil OUT_DIR/student.pt from the teacher checkpoint at `teacher_path`."""
+    teacher_ckpt = load_checkpoint(teacher_path, kind="teacher")
+    if not cfg.s_min <= 1.0 <= cfg.s_max or cfg.s_min < 0:
+        raise UserError(f"the guidance range [--s-min, --s-max] must satisfy 0 <= s_min <= 1 <= s_max, "
+                        f"got [{cfg.s_min}, {cfg.s_max}]")  # fmt: skip
+    path = Path(out_dir) / "student.pt"
+    resume_from = load_checkpoint(path, kind="student") if resume and path.exists() else None
+    if resume_from is not None:
+        cfg = DistillConfig(**{**resume_from["distill_config"], "device": cfg.device})
+    dataset = teacher_ckpt["dataset"]
+    steps = cfg.steps if cfg.steps is not None else RECIPES[dataset]["distill_steps"]
+    if steps < 1:
+        raise UserError(f"--distill-steps must be at least 1, got {steps}")
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    teacher = model_from_checkpoint(teacher_ckpt, "ema").to(device).requires_grad_(False)
+    student = make_student(teacher)
+    data = load_dataset(dataset, cfg.data_dir, train=True)
+    metadata: dict[str, Any] = {
+        key: teacher_ckpt[key]
+        for key in ("scheduler_config", "dataset", "image_size", "channels", "num_classes", "class_names")
+    }
+    metadata.update(kind="student", model_config={"arch": teacher.arch, **student.config},
+                    guidance_range=[cfg.s_min, cfg.s_max], distill_config=asdict(cfg),
+                    teacher_train_config=teacher_ckpt["train_config"])  # fmt: skip
+    scheduler = DDPMScheduler(**teacher_ckpt["scheduler_config"])
+    return fit(
+        student, distillation_loss(teacher, scheduler, cfg), data, path, metadata, steps=steps,
+        batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, device=device, checkpoint_every=cfg.checkpoint_every,
+        resume_from=resume_from, progress=progress,
+    )  # fmt: skip

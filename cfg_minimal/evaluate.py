@@ -1,0 +1,174 @@
+"""Guidance sweeps: what s buys and costs, for teachers and students, in numbers and plots.
+
+    python -m cfg_minimal.evaluate --ckpt runs/digits/teacher.pt --ckpt runs/digits/student.pt \
+        --scales 0 0.5 1 2 3 4 6 --n 1000 --out runs/digits/eval
+
+For each checkpoint and scale s it samples n images with balanced labels from the same x_T, and
+measures with a small classifier trained on the real data (classifier.py):
+  accuracy   share of samples the classifier labels as the requested class
+  FD         Frechet distance between classifier features of samples and of real test images
+  diversity  mean pairwise feature distance within a class, relative to the real test set's
+  cost       network evaluations per image (2 per step for a guided teacher, 1 for a student
+             or at s in {0, 1}) and wall time per image
+Writes metrics.json, guidance_sweep.png (accuracy, FD and diversity against s, and the FD-accuracy
+frontier) and samples_by_scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .classifier import Classifier, load_or_train_classifier
+from .data import load_dataset
+from .errors import UserError
+from .metrics import accuracy, class_diversity, classifier_stats, frechet_distance
+from .plotting import plot_guidance_sweep, save_scale_grid
+from .sampling import Pipeline, load_pipeline
+
+CACHE_DIR = Path(os.environ.get("CFG_MINIMAL_CACHE", Path.home() / ".cache" / "cfg_minimal"))
+
+
+def generate(
+    pipe: Pipeline, n: int, scale: float, num_steps: int, seed: int = 0, batch_size: int = 500, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """n samples with labels 0, 1, ..., K-1, 0, 1, ... from the noise of `seed` -> (images, labels, seconds)."""
+    labels = torch.arange(n) % pipe.num_classes  # (n,)
+    x_T = torch.randn(n, pipe.channels, pipe.image_size, pipe.image_size, generator=torch.Generator().manual_seed(seed))
+    start, chunks = time.perf_counter(), []
+    for i in range(0, n, batch_size):
+        chunks.append(pipe(labels[i : i + batch_size], scale, num_steps, x_T=x_T[i : i + batch_size],
+                           progress=progress).cpu())  # fmt: skip
+    return torch.cat(chunks), labels, time.perf_counter() - start
+
+
+def evals_per_image(pipe: Pipeline, scale: float, num_steps: int) -> int:
+    return num_steps * (1 if pipe.is_student or scale in (0.0, 1.0) else 2)
+
+
+def sweep(
+    pipes: dict[str, Pipeline],
+    scales: Sequence[float],
+    n: int,
+    num_steps: int = 50,
+    seed: int = 0,
+    data_dir: str | Path = "./data",
+    classifier: tuple[Classifier, float] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, dict[float, torch.Tensor]]]:
+    """Measure every pipeline at every scale -> (metrics dict for JSON, images[name][scale])."""
+    first = next(iter(pipes.values()))
+    if len({(p.dataset, p.image_size, p.channels) for p in pipes.values()}) > 1:
+        raise UserError("the checkpoints of one sweep must come from the same dataset")
+    device = first.device
+    classifier_model, classifier_acc = classifier or load_or_train_classifier(
+        first.dataset, data_dir, CACHE_DIR, device=device, progress=progress
+    )
+    real = load_dataset(first.dataset, data_dir, train=False)
+    real_stats = classifier_stats(classifier_model, real.images.to(device))
+    real_diversity = class_diversity(real_stats.features, real.labels.to(device), real.info.num_classes)
+    metrics: dict[str, Any] = dict(
+        dataset=first.dataset, n=n, num_steps=num_steps, seed=seed, scales=list(scales),
+        classifier_test_accuracy=classifier_acc, real_diversity=real_diversity, models={},
+    )  # fmt: skip
+    images: dict[str, dict[float, torch.Tensor]] = {}
+    for name, pipe in pipes.items():
+        rows, images[name] = [], {}
+        for s in scales:
+            x, labels, seconds = generate(pipe, n, s, num_steps, seed)
+            stats = classifier_stats(classifier_model, x.to(device))
+            rows.append(dict(
+                scale=s, accuracy=accuracy(stats.preds, labels.to(device)),
+                fd=frechet_distance(stats.features, real_stats.features),
+                diversity=class_diversity(stats.features, labels.to(device), pipe.num_classes) / real_diversity,
+                evals_per_image=evals_per_image(pipe, s, num_steps), seconds_per_image=seconds / n,
+            ))  # fmt: skip
+            images[name][s] = x
+            if progress:
+                print(f"  {name:>8} s={s:<4g} accuracy {rows[-1]['accuracy']:.3f}  FD {rows[-1]['fd']:.2f}  "
+                      f"diversity {rows[-1]['diversity']:.2f}", flush=True)  # fmt: skip
+        metrics["models"][name] = dict(kind="student" if pipe.is_student else "teacher", per_scale=rows)
+    if {"teacher", "student"} <= set(pipes):
+        metrics["student_vs_teacher"] = [
+            dict(scale=s, rel_l2=relative_l2(images["student"][s], images["teacher"][s]),
+                 acc_teacher=t["accuracy"], acc_student=st["accuracy"])
+            for s, t, st in zip(scales, metrics["models"]["teacher"]["per_scale"],
+                                metrics["models"]["student"]["per_scale"])
+        ]  # fmt: skip
+    return metrics, images
+
+
+def relative_l2(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over images of ||a - b|| / ||b||, per image over all pixels."""
+    diff = (images - reference).flatten(1).norm(dim=1)  # (N,)
+    return float((diff / reference.flatten(1).norm(dim=1).clamp(min=1e-12)).mean())
+
+
+def save_samples_by_scale(images: dict[str, dict[float, torch.Tensor]], num_classes: int, class_names: Sequence[str],
+                          path: str | Path) -> None:  # fmt: skip
+    """Rows = classes, one block per scale holding the first sample of each class from each model."""
+    names = list(images)
+    scales = list(images[names[0]])
+    grid = torch.stack([
+        torch.stack([images[name][s][c] for name in names]) for c in range(num_classes) for s in scales
+    ]).reshape(num_classes, len(scales), len(names), *images[names[0]][scales[0]].shape[1:])  # fmt: skip
+    save_scale_grid(grid, scales, class_names, path, title="columns in each block: " + ", ".join(names))
+
+
+def model_names(paths: Sequence[str], pipes: Sequence[Pipeline]) -> list[str]:
+    """'teacher' / 'student' when each kind occurs once, else the file names."""
+    kinds = ["student" if p.is_student else "teacher" for p in pipes]
+    if len(set(kinds)) == len(kinds):
+        return kinds
+    names = [Path(p).stem for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cfg_minimal.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--ckpt", action="append", required=True, help="checkpoint (repeat for several)")
+    p.add_argument("--scales", type=float, nargs="+", default=[0, 0.5, 1, 2, 3, 4, 6])
+    p.add_argument("--n", type=int, default=1000, help="samples per scale and checkpoint")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint)")
+    args = p.parse_args(argv)
+    if args.n < 2 or args.steps < 1:
+        p.error("--n must be at least 2 and --steps at least 1")
+    try:
+        from .train import pick_device
+
+        device = pick_device(args.device)
+        pipes = [load_pipeline(path, device=device) for path in args.ckpt]
+        named = dict(zip(model_names(args.ckpt, pipes), pipes))
+        out = Path(args.out) if args.out else Path(args.ckpt[0]).parent
+        out.mkdir(parents=True, exist_ok=True)
+        metrics, images = sweep(named, args.scales, args.n, args.steps, args.seed, args.data_dir)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_sweep(metrics, images, pipes[0], out)
+    return 0
+
+
+def write_sweep(metrics: dict[str, Any], images: dict, pipe: Pipeline, out: Path) -> None:
+    """metrics.json, guidance_sweep.png and samples_by_scale.png in `out`."""
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_guidance_sweep(metrics, out / "guidance_sweep.png")
+    save_samples_by_scale(images, pipe.num_classes, pipe.class_names, out / "samples_by_scale.png")
+    print(f"wrote {out / 'metrics.json'}, {out / 'guidance_sweep.png'} and {out / 'samples_by_scale.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Classifier-free guidance (Ho & Salimans 2022): the one place the CFG rule lives.
+
+| thing                 | convention                                                                  |
+|-----------------------|-----------------------------------------------------------------------------|
+| guidance scale        | s, as in diffusers and DiT: s = 0 unconditional, s = 1 conditional, s > 1   |
+|                       | guided. Ho & Salimans and Meng et al. write w = s - 1 (`w_to_s`, `s_to_w`)  |
+| null label            | id `num_classes` (one extra embedding row)                                  |
+| labels                | LongTensor (B,), values in [0, num_classes]                                 |
+| timesteps             | integer t in [0, T), LongTensor (B,), the same in training and sampling     |
+| images                | float (B, C, H, W) in [-1, 1]                                               |
+| prediction            | epsilon                                                                     |
+| student's scale input | the same s, embedded (sinusoid + zero-initialised MLP)                      |
+
+The sampler and the distillation target both call `guided_noise_pred`, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models import DiffusionModel
+
+
+def w_to_s(w: float) -> float:
+    """Ho & Salimans' / Meng et al.'s weight w (eps = (1 + w) eps_c - w eps_u) -> s = w + 1."""
+    return w + 1.0
+
+
+def s_to_w(s: float) -> float:
+    """s (eps = eps_u + s (eps_c - eps_u)) -> w = s - 1."""
+    return s - 1.0
+
+
+def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """eps = eps_u + s * (eps_c - eps_u)   (Ho & Salimans 2022, eq. 6 with w = s - 1).
+
+    `scale` is a float or a (B,) tensor, one scale per sample."""
+    if isinstance(scale, torch.Tensor) and scale.ndim == 1:
+        scale = scale.view(-1, *([1] * (eps_cond.ndim - 1)))  # (B, 1, 1, 1)
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def as_scale_tensor(scale: float | torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """A float or a (B,) tensor -> a finite float32 (B,) tensor; anything else is a clear error."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().to(device=device, dtype=torch.float32)
+        if scale.ndim == 0:
+            scale = scale.expand(batch_size)
+        if scale.shape != (batch_size,):
+            raise ValueError(
+                f"guidance_scale must be a float or a tensor of shape ({batch_size},), got {tuple(scale.shape)}"
+            )
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"guidance_scale must be a number or a tensor, got {type(scale).__name__}")
+        scale = torch.full((batch_size,), float(scale), device=device)
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"guidance_scale must be finite, got {scale.tolist()}")
+    return scale
+
+
+def guided_noise_pred(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    scale: float | torch.Tensor,
+    batched: bool = True,
+) -> torch.Tensor:
+    """Guided epsilon for x (B, C, H, W), t (B,), y (B,) at scale s (float or (B,)).
+
+    Teacher: cfg_combine(eps(x, t, null), eps(x, t, y), s), from one forward over the 2B batch
+    (`batched`) or two forwards. A sample with s = 0 needs only the unconditional pass and one
+    with s = 1 only the conditional pass, so those passes are skipped, per sample.
+    Student (a model with a guidance input): one pass, eps(x, t, y, s).
+    """
+    s = as_scale_tensor(scale, x.shape[0], x.device)  # (B,)
+    if model.is_student:
+        return model(x, t, y, guidance=s)
+    need_cond, need_uncond = s != 0, s != 1  # (B,) bool each
+    null = torch.full_like(y, model.null_class)
+    x_in, t_in = torch.cat([x[need_cond], x[need_uncond]]), torch.cat([t[need_cond], t[need_uncond]])
+    y_in = torch.cat([y[need_cond], null[need_uncond]])  # (n_cond + n_uncond,)
+    n_cond = int(need_cond.sum())
+    parts = [slice(None)] if batched else [slice(0, n_cond), slice(n_cond, None)]  # one forward or two
+    eps = torch.cat(
+        [model(x_in[p], t_in[p], y_in[p]) for p in parts if len(x_in[p]) > 0]
+    )  # (n_cond + n_uncond, C, H, W)
+    eps_c_rows, eps_u_rows = eps.split([n_cond, len(eps) - n_cond])
+    # A skipped pass has coefficient 0 in cfg_combine; zeros keep the result exact (eps_u + 0 * ...).
+    eps_c = eps.new_zeros(x.shape).index_put_((need_cond,), eps_c_rows)  # (B, C, H, W)
+    eps_u = eps.new_zeros(x.shape).index_put_((need_uncond,), eps_u_rows)  # (B, C, H, W)
+    return cfg_combine(eps_u, eps_c, s)

@@ -1,0 +1,33 @@
+"""Model registry: `build_model(arch, **overrides)` builds any architecture by name.
+
+An entry is a class and the sizes that differ from the class's defaults. The `-tiny` entries are
+for tests. A second architecture slots in by adding its class and a few named sizes here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import DiffusionModel
+from .dit import DiT
+from .unet import UNet
+
+ARCHITECTURES: dict[str, tuple[type[DiffusionModel], dict[str, Any]]] = {
+    "unet": (UNet, {}),
+    "unet-tiny": (UNet, dict(base_channels=8, channel_mults=(1, 2), emb_dim=32, attention=False)),
+    "dit": (DiT, {"hidden_size": 96, "depth": 4}),
+    "dit-tiny": (DiT, {"patch_size": 4, "hidden_size": 32, "depth": 2, "num_heads": 2}),
+}
+
+
+def build_model(arch: str, **overrides: Any) -> DiffusionModel:
+    """Build `arch` (a key of ARCHITECTURES) with its named sizes, then `overrides` on top."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    cls, sizes = ARCHITECTURES[arch]
+    model = cls(**{**sizes, **overrides})
+    model.arch = arch
+    return model
+
+
+__all__ = ["ARCHITECTURES", "DiT", "DiffusionModel", "UNet", "build_model"]

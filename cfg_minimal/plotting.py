@@ -1,0 +1,109 @@
+"""Figures: sample grids (rows = classes, column blocks = guidance scales) and loss curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .data import to_unit_range  # noqa: E402
+
+
+def tile(images: torch.Tensor, pad: int = 1) -> torch.Tensor:
+    """(R, K, C, H, W) in [-1, 1] -> one (H', W', C) image in [0, 1], R rows of K images."""
+    R, K, C, H, W = images.shape
+    x = torch.nn.functional.pad(to_unit_range(images.float().cpu()), (pad, pad, pad, pad), value=1.0)
+    x = x.permute(0, 3, 1, 4, 2).reshape(R * (H + 2 * pad), K * (W + 2 * pad), C)  # (R*H', K*W', C)
+    return x
+
+
+def save_scale_grid(
+    images: torch.Tensor,
+    scales: Sequence[float],
+    row_names: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    block_names: Sequence[str] | None = None,
+) -> None:
+    """images (R, S, K, C, H, W): R rows (classes), S column blocks (scales) of K images each."""
+    R, S, K = images.shape[:3]
+    grid = tile(images.reshape(R, S * K, *images.shape[3:]))  # (R*H', S*K*W', C)
+    cell_h, cell_w = grid.shape[0] / R, grid.shape[1] / (S * K)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * S * K + 1.2), max(3.0, 0.45 * R + 1.0)), dpi=120)
+    ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+    names = block_names or [f"s = {s:g}" for s in scales]
+    ax.set_xticks([(b + 0.5) * K * cell_w for b in range(S)], names)
+    ax.set_yticks([(r + 0.5) * cell_h for r in range(R)], row_names)
+    for b in range(1, S):
+        ax.axvline(b * K * cell_w - 0.5, color="tab:red", linewidth=1.5)
+    ax.tick_params(length=0)
+    ax.xaxis.tick_top()
+    if title:
+        ax.set_title(title, fontsize=10, pad=18)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_loss_curve(curves: dict[str, Sequence[float]], path: str | Path, every: int = 10) -> None:
+    """Loss per `every` steps, one line per named curve, log scale."""
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    for name, losses in curves.items():
+        ax.plot([every * (i + 1) for i in range(len(losses))], losses, label=name)
+    ax.set(xlabel="step", ylabel="MSE loss", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def scale_grid_noise(num_classes: int, n_per_class: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """(R, K, C, H, W) starting noise: one x_T per (class, column), shared by every scale."""
+    return torch.randn(num_classes, n_per_class, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def sample_scale_grid(pipe, scales: Sequence[float], n_per_class: int = 1, num_steps: int = 50, seed: int = 0,
+                      progress: bool = False) -> torch.Tensor:  # fmt: skip
+    """Sample every (class, scale, column) in one batch -> (R, S, K, C, H, W), same x_T along a row."""
+    R, S, K = pipe.num_classes, len(scales), n_per_class
+    x_T = scale_grid_noise(R, K, (pipe.channels, pipe.image_size, pipe.image_size), seed)  # (R, K, C, H, W)
+    x_T = x_T[:, None].expand(R, S, *x_T.shape[1:]).reshape(R * S * K, *x_T.shape[2:])  # (R*S*K, C, H, W)
+    labels = torch.arange(R).repeat_interleave(S * K)  # (R*S*K,)
+    scale = torch.tensor(scales, dtype=torch.float32).repeat_interleave(K).repeat(R)  # (R*S*K,)
+    images = pipe(labels, scale, num_steps=num_steps, x_T=x_T, progress=progress)
+    return images.reshape(R, S, K, *images.shape[1:]).cpu()
+
+
+def plot_guidance_sweep(metrics: dict, path: str | Path) -> None:
+    """Accuracy, FD and diversity against s, and FD against accuracy (the frontier), per model."""
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), dpi=120)
+    for name, model in metrics["models"].items():
+        rows = model["per_scale"]
+        s = [r["scale"] for r in rows]
+        style = dict(marker="o", label=name, linestyle="--" if model["kind"] == "student" else "-")
+        axes[0].plot(s, [r["accuracy"] for r in rows], **style)
+        axes[1].plot(s, [r["fd"] for r in rows], **style)
+        axes[2].plot(s, [r["diversity"] for r in rows], **style)
+        axes[3].plot([r["accuracy"] for r in rows], [r["fd"] for r in rows], **style)
+        for r in rows:
+            axes[3].annotate(f"{r['scale']:g}", (r["accuracy"], r["fd"]), fontsize=7, xytext=(3, 3),
+                             textcoords="offset points")  # fmt: skip
+    axes[0].axhline(metrics["classifier_test_accuracy"], color="gray", linewidth=0.8, label="real test images")
+    axes[2].axhline(1.0, color="gray", linewidth=0.8, label="real test images")
+    axes[0].set(xlabel="guidance scale s", ylabel="classifier accuracy", title="class fidelity")
+    axes[1].set(xlabel="guidance scale s", ylabel="FD to real test features", title="sample quality (lower is better)")
+    axes[2].set(xlabel="guidance scale s", ylabel="within-class spread / real", title="diversity")
+    axes[3].set(xlabel="classifier accuracy", ylabel="FD", title="frontier (labels: s)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{metrics['dataset']}: {metrics['n']} samples per point, {metrics['num_steps']} DDIM steps")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,152 @@
+"""The sampling loop and the Pipeline: a model, a scheduler and what they were trained on.
+
+    images = load_pipeline("runs/digits/teacher.pt")(labels=[3, 3, 7], guidance_scale=3.0)
+
+Sampling is deterministic given a CPU `torch.Generator` (or `x_T`): the starting noise and any
+DDPM noise are drawn from it on the CPU, so the same seed gives the same images on any device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .errors import UserError
+from .guidance import as_scale_tensor, guided_noise_pred
+from .models import DiffusionModel
+from .schedulers import SCHEDULERS, DDIMScheduler, DDPMScheduler
+
+
+@torch.no_grad()
+def sample_loop(
+    model: DiffusionModel,
+    scheduler: DDIMScheduler | DDPMScheduler,
+    x_T: torch.Tensor,
+    labels: torch.Tensor,
+    guidance_scale: float | torch.Tensor,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+    batched: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """x_T (B, C, H, W) -> x_0 (B, C, H, W): at each timestep, eps = guided_noise_pred, then step."""
+    scheduler.set_timesteps(num_steps)
+    # DDIM: re-derive eps from the clipped x_0 (as GLIDE and Imagen do). A guided eps at s > 1 often
+    # implies an x_0 far outside [-1, 1]; clipping x_0 but keeping that eps in the direction term
+    # makes the step inconsistent, and samples at s >= 3 turn to noise.
+    step_kwargs = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
+    x = x_T
+    for t in tqdm(scheduler.timesteps.tolist(), desc="sampling", disable=not progress, leave=False):
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
+        eps = guided_noise_pred(model, x, t_batch, labels, guidance_scale, batched=batched)  # (B, C, H, W)
+        x = scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+    return x
+
+
+def check_labels(labels: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels -> LongTensor (B,) with values in [0, num_classes] (num_classes is the null label)."""
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise UserError(f"labels must be a non-empty 1-D list of class ids, got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise UserError(f"labels must be integers, got dtype {labels.dtype}")
+    bad = labels[(labels < 0) | (labels > num_classes)]
+    if len(bad):
+        raise UserError(
+            f"label {int(bad[0])} is out of range: the classes are 0..{num_classes - 1} "
+            f"and {num_classes} is the null label"
+        )
+    return labels.long()
+
+
+@dataclass
+class Pipeline:
+    """A trained model with its scheduler; call it to sample images in [-1, 1]."""
+
+    model: DiffusionModel
+    scheduler: DDIMScheduler | DDPMScheduler
+    dataset: str
+    image_size: int
+    channels: int
+    class_names: tuple[str, ...]
+    default_steps: int = 50
+    guidance_range: tuple[float, float] | None = None  # a student's trained range of s
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def null_class(self) -> int:
+        return self.model.null_class
+
+    @property
+    def is_student(self) -> bool:
+        return self.model.is_student
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __call__(
+        self,
+        labels: Sequence[int] | torch.Tensor,
+        guidance_scale: float | torch.Tensor,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        x_T: torch.Tensor | None = None,
+        progress: bool = False,
+        batched: bool = True,
+    ) -> torch.Tensor:
+        """Sample one image per label at scale s (a float or a (B,) tensor) -> (B, C, H, W) in [-1, 1]."""
+        labels = check_labels(labels, self.num_classes).to(self.device)  # (B,)
+        try:
+            scale = as_scale_tensor(guidance_scale, len(labels), self.device)  # (B,)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        num_steps = self.default_steps if num_steps is None else num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise UserError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if num_steps > self.scheduler.num_train_timesteps:
+            raise UserError(f"num_steps must be at most {self.scheduler.num_train_timesteps} (the training timesteps)")
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            if float(scale.min()) < lo or float(scale.max()) > hi:
+                warnings.warn(
+                    f"guidance scale outside the student's trained range [{lo:g}, {hi:g}]: it was never taught "
+                    "these scales, so expect it to drift from its teacher",
+                    stacklevel=2,
+                )
+        shape = (len(labels), self.channels, self.image_size, self.image_size)
+        if x_T is None:
+            x_T = torch.randn(shape, generator=generator)
+        elif tuple(x_T.shape) != shape:
+            raise UserError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+        return sample_loop(self.model, self.scheduler, x_T.to(self.device), labels, scale, num_steps,
+                           generator, batched, progress)  # fmt: skip
+
+
+def load_pipeline(
+    path: str | Path, device: str | torch.device = "cpu", scheduler: str = "ddim", weights: str = "ema"
+) -> Pipeline:
+    """Rebuild a Pipeline from one checkpoint (teacher or student), its EMA weights by default."""
+    ckpt = load_checkpoint(path)
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    guidance_range = ckpt.get("guidance_range")
+    return Pipeline(
+        model=model_from_checkpoint(ckpt, weights).to(device),
+        scheduler=SCHEDULERS[scheduler](**ckpt["scheduler_config"]),
+        dataset=ckpt["dataset"],
+        image_size=ckpt["image_size"],
+        channels=ckpt["channels"],
+        class_names=tuple(ckpt["class_names"]),
+        default_steps=ckpt.get("sampling_steps", 50),
+        guidance_range=tuple(guidance_range) if guidance_range is not None else None,
+    )

@@ -1,0 +1,204 @@
+"""Noise schedules and the DDPM / DDIM samplers, with diffusers' names and semantics.
+
+Forward process (Ho et al. 2020, eq. 4):  x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,
+with abar_t = prod_{i<=t} (1 - beta_i) and integer t in [0, T).
+
+`set_timesteps(n)` picks the n timesteps to visit; `step(eps, t, x_t)` returns x_{t_prev} and the
+predicted x_0. Parity with `diffusers.DDPMScheduler` / `DDIMScheduler` is tested in
+tests/test_schedulers.py. Timesteps are python ints or 0-d tensors shared by the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing")
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> torch.Tensor:
+    """Beta schedule (T,): 'linear' (Ho et al. 2020) or 'squaredcos_cap_v2' (Nichol & Dhariwal 2021).
+
+    The cosine schedule sets abar(t) = cos^2(((t/T + 0.008) / 1.008) * pi/2) and
+    beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999).
+    """
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "squaredcos_cap_v2":
+
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        T = num_train_timesteps
+        betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
+
+
+@dataclass
+class SchedulerOutput:
+    prev_sample: torch.Tensor  # x_{t_prev}, (B, C, H, W)
+    pred_original_sample: torch.Tensor  # predicted x_0, (B, C, H, W)
+
+
+class _Scheduler:
+    """What DDPM and DDIM share: the schedule, `add_noise` and `set_timesteps`."""
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        clip_sample: bool = True,
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+    ):
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+        self.num_train_timesteps = num_train_timesteps
+        self.clip_sample = clip_sample
+        self.clip_sample_range = clip_sample_range
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+        self.betas = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end)  # (T,)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # abar_t, (T,)
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)  # until set_timesteps is called
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose the timesteps to visit, from noisiest to cleanest.
+
+        'leading':  t_k = k * (T // n) + steps_offset, k = n-1 ... 0   (DDIM paper; ends at t = 0)
+        'trailing': t_k = round(T - k * T / n) - 1,    k = 0 ... n-1   (Lin et al. 2024; starts at T-1)
+        """
+        n, T = num_inference_steps, self.num_train_timesteps
+        if not isinstance(n, int) or not 1 <= n <= T:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {n!r}")
+        if self.timestep_spacing == "leading":
+            timesteps = torch.arange(n - 1, -1, -1) * (T // n) + self.steps_offset
+        else:
+            timesteps = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)).long() - 1
+        self.num_inference_steps = n
+        self.timesteps = timesteps.long()
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4); timesteps (B,)."""
+        abar = self.alphas_cumprod.to(original_samples.device)[timesteps].to(original_samples.dtype)  # (B,)
+        abar = abar.view(-1, *([1] * (original_samples.ndim - 1)))  # (B, 1, 1, 1)
+        return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
+
+    def _abar(self, t: int) -> torch.Tensor:
+        return self.alphas_cumprod[t]
+
+    def _predict_x0(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped if `clip_sample` (eq. 15 of Ho et al.)."""
+        abar_t = self._abar(t)
+        x0 = (sample - (1 - abar_t).sqrt() * model_output) / abar_t.sqrt()
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, so a CPU generator gives the same
+    numbers whichever device the sample lives on."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+class DDPMScheduler(_Scheduler):
+    """Ancestral sampling from the posterior q(x_{t'} | x_t, x_0) (Ho et al. 2020, eq. 6-7).
+
+    With t' the next timestep in `timesteps` (-1 after the last, where abar = 1), a_t = abar_t / abar_t'
+    and b_t = 1 - a_t:
+        mean     = sqrt(abar_t') b_t / (1 - abar_t) * x_0 + sqrt(a_t) (1 - abar_t') / (1 - abar_t) * x_t
+        variance = (1 - abar_t') / (1 - abar_t) * b_t          ("fixed_small"; no noise at t = 0)
+    """
+
+    def previous_timestep(self, timestep: int) -> int:
+        if self.num_inference_steps is None:
+            return int(timestep) - 1
+        index = int((self.timesteps == int(timestep)).nonzero()[0, 0])
+        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+
+    def _posterior(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(coefficient of x_0, coefficient of x_t, variance) of q(x_{t'} | x_t, x_0)."""
+        prev_t = self.previous_timestep(t)
+        abar_t = self._abar(t)
+        abar_prev = self._abar(prev_t) if prev_t >= 0 else torch.tensor(1.0)
+        alpha_t = abar_t / abar_prev
+        beta_t = 1 - alpha_t
+        coef_x0 = abar_prev.sqrt() * beta_t / (1 - abar_t)
+        coef_xt = alpha_t.sqrt() * (1 - abar_prev) / (1 - abar_t)
+        variance = ((1 - abar_prev) / (1 - abar_t) * beta_t).clamp(min=1e-20)
+        return coef_x0, coef_xt, variance
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> SchedulerOutput:
+        t = int(timestep)
+        x0 = self._predict_x0(model_output, t, sample)  # (B, C, H, W)
+        coef_x0, coef_xt, variance = self._posterior(t)
+        prev_sample = coef_x0 * x0 + coef_xt * sample
+        if t > 0:
+            prev_sample = prev_sample + variance.sqrt() * _noise_like(sample, generator)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+class DDIMScheduler(_Scheduler):
+    """DDIM (Song et al. 2021, eq. 12), with t' = t - T // n as in diffusers:
+
+        x_t' = sqrt(abar_t') x_0 + sqrt(1 - abar_t' - sigma_t^2) eps + sigma_t z,
+        sigma_t = eta * sqrt((1 - abar_t') / (1 - abar_t)) * sqrt(1 - abar_t / abar_t')   (eq. 16)
+
+    eta = 0 is the deterministic sampler; eta = 1 is DDPM's variance. After the last step abar_t' is
+    1 (`set_alpha_to_one`) or abar_0.
+    """
+
+    def __init__(self, *args, set_alpha_to_one: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+
+    def previous_timestep(self, timestep: int) -> int:
+        n = self.num_inference_steps or self.num_train_timesteps
+        return int(timestep) - self.num_train_timesteps // n
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> SchedulerOutput:
+        t = int(timestep)
+        prev_t = self.previous_timestep(t)
+        abar_t = self._abar(t)
+        abar_prev = self._abar(prev_t) if prev_t >= 0 else self.final_alpha_cumprod
+        x0 = self._predict_x0(model_output, t, sample)  # (B, C, H, W)
+        eps = model_output
+        if use_clipped_model_output:
+            eps = (sample - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+        prev_sample = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps
+        if eta > 0:
+            prev_sample = prev_sample + sigma * _noise_like(sample, generator)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}

@@ -1,0 +1,255 @@
+"""Teacher training: eps-prediction MSE with label dropout, AdamW, EMA, checkpoints, progress.
+
+Loss (Ho et al. 2020, eq. 14; Ho & Salimans 2022, Algorithm 1):
+    L = E_{x_0, y, t, eps} || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, y_dropped) ||^2
+where y_dropped is the null label with probability p_uncond (done inside the LabelEmbedder).
+
+`fit` is the loop that teacher training and distillation share: it checkpoints atomically every
+`checkpoint_every` steps and on Ctrl-C / SIGTERM, and resumes with the optimizer, EMA and RNG state,
+so an interrupted run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import ImageData, load_dataset
+from .errors import UserError
+from .models import DiffusionModel, build_model
+from .schedulers import DDPMScheduler
+
+# Defaults per dataset: digits trains in ~2 CPU minutes, MNIST in minutes on one GPU.
+RECIPES: dict[str, dict[str, int]] = {
+    "digits": dict(teacher_steps=1500, distill_steps=1000),
+    "mnist": dict(teacher_steps=10000, distill_steps=5000),
+    "fashion-mnist": dict(teacher_steps=10000, distill_steps=5000),
+    "cifar10": dict(teacher_steps=40000, distill_steps=20000),
+}
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    data_dir: str = "./data"
+    arch: str = "unet"
+    steps: int | None = None  # None: RECIPES[dataset]["teacher_steps"]
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    p_uncond: float = 0.1
+    ema_decay: float = 0.999
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA, then MPS, then CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to lr / 10 at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while training, so both save a checkpoint and stop."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class FitResult:
+    ema: DiffusionModel  # the EMA weights, in eval mode: what sampling uses
+    losses: list[float]  # mean loss per `log_every` steps
+    path: Path
+
+
+def fit(
+    model: DiffusionModel,
+    loss_fn: Callable[[DiffusionModel, torch.Tensor, torch.Tensor], torch.Tensor],
+    data: ImageData,
+    path: Path,
+    metadata: dict[str, Any],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int,
+    weight_decay: float,
+    grad_clip: float,
+    ema_decay: float,
+    device: torch.device,
+    checkpoint_every: int,
+    resume_from: dict[str, Any] | None = None,
+    progress: bool = True,
+    log_every: int = 10,
+) -> FitResult:
+    """Minimise loss_fn(model, x_0 (B,C,H,W), y (B,)) over random batches of `data` for `steps` steps.
+
+    Writes `path` (metadata + model, EMA, optimizer, RNG and loss history) every `checkpoint_every`
+    steps, at the end, and when interrupted; `resume_from` is such a checkpoint, loaded.
+    """
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    start, losses = 0, []
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        ema.load_state_dict(resume_from["ema"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        start, losses = resume_from["step"], list(resume_from["losses"])
+        set_rng_state(resume_from["rng"])
+    images, labels = data.images.to(device), data.labels.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def save(step: int) -> None:
+        save_checkpoint(path, {**metadata, "step": step, "total_steps": steps, "model": model.state_dict(),
+                               "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                               "losses": losses})  # fmt: skip
+
+    step, window = start, []
+    bar = tqdm(total=steps, initial=start, desc=f"training {path.stem}", disable=not progress, dynamic_ncols=True)
+    try:
+        with sigterm_as_interrupt():
+            while step < steps:
+                idx = torch.randint(0, len(labels), (batch_size,), device=device)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, lr, warmup_steps, steps)
+                with autocast:
+                    loss = loss_fn(model, images[idx], labels[idx])
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"the loss became {loss.item()} at step {step}; stopped, keeping the last good checkpoint "
+                        f"{str(path)!r}. Lower --lr, or resume from that checkpoint with --resume"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))  # EMA warm-up
+                step += 1
+                window.append(loss.item())
+                if len(window) == log_every:
+                    losses.append(sum(window) / len(window))
+                    window = []
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.update(1)
+                if step % checkpoint_every == 0 or step == steps:
+                    save(step)
+    except KeyboardInterrupt:
+        save(step)
+        bar.close()
+        print(f"\ninterrupted at step {step}/{steps}; saved {path}. Run the same command with --resume to continue.")
+        raise
+    bar.close()
+    return FitResult(ema=ema, losses=losses, path=path)
+
+
+def diffusion_loss(scheduler: DDPMScheduler) -> Callable[[DiffusionModel, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The eps-prediction loss at uniformly drawn t in [0, T)."""
+
+    def loss_fn(model: DiffusionModel, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)  # (B,)
+        noise = torch.randn_like(x0)  # (B, C, H, W)
+        x_t = scheduler.add_noise(x0, noise, t)
+        return F.mse_loss(model(x_t, t, y).float(), noise)
+
+    return loss_fn
+
+
+def schedule_config(cfg: TrainConfig) -> dict[str, Any]:
+    return dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+
+
+def train_teacher(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> FitResult:
+    """Train a CFG teacher on cfg.dataset; writes OUT_DIR/teacher.pt and returns its EMA model."""
+    path = Path(out_dir) / "teacher.pt"
+    resume_from = None
+    if resume and path.exists():
+        resume_from = load_checkpoint(path, kind="teacher")
+        cfg = TrainConfig(**{**resume_from["train_config"], "device": cfg.device})
+    steps = cfg.steps if cfg.steps is not None else RECIPES[cfg.dataset]["teacher_steps"]
+    if steps < 1:
+        raise UserError(f"--teacher-steps must be at least 1, got {steps}")
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.dataset, cfg.data_dir, train=True)
+    info = data.info
+    model = build_model(cfg.arch, in_channels=info.channels, image_size=info.image_size,
+                        num_classes=info.num_classes, p_uncond=cfg.p_uncond)  # fmt: skip
+    metadata = dict(
+        kind="teacher", model_config={"arch": cfg.arch, **model.config}, scheduler_config=schedule_config(cfg),
+        dataset=cfg.dataset, image_size=info.image_size, channels=info.channels, num_classes=info.num_classes,
+        class_names=list(info.class_names), train_config=asdict(cfg),
+    )  # fmt: skip
+    scheduler = DDPMScheduler(**schedule_config(cfg))
+    return fit(
+        model, diffusion_loss(scheduler), data, path, metadata, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        ema_decay=cfg.ema_decay, device=pick_device(cfg.device), checkpoint_every=cfg.checkpoint_every,
+        resume_from=resume_from, progress=progress,
+    )  # fmt: skip

@@ -1,0 +1,101 @@
+"""CFG identities over whole sampling trajectories, and the Pipeline's determinism and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from cfg_minimal import DDIMScheduler, DDPMScheduler, Pipeline, UserError
+
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+def make_pipeline(arch: str = "unet-tiny", sampler: str = "ddim", **model_kwargs) -> Pipeline:
+    model = tiny_model(arch, **model_kwargs)
+    scheduler = SAMPLERS[sampler](num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    return Pipeline(model, scheduler, dataset="digits", image_size=16, channels=1, class_names=tuple("0123456789"))
+
+
+LABELS = [0, 3, 7, 9]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_s0_equals_sampling_with_null_labels(arch, sampler):
+    pipe = make_pipeline(arch, sampler)
+    null = [pipe.null_class] * len(LABELS)
+
+    def run(labels, scale):
+        return pipe(labels, scale, num_steps=10, generator=torch.Generator().manual_seed(0))
+
+    at_s0 = run(LABELS, 0.0)
+    torch.testing.assert_close(at_s0, run(null, 1.0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(at_s0, run(null, 4.0), rtol=0, atol=1e-6)  # null vs null: guidance does nothing
+    assert not torch.allclose(at_s0, run(LABELS, 1.0), atol=1e-3)  # the label matters, so this is not vacuous
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_s1_equals_the_plain_conditional_sampler(arch, sampler):
+    pipe = make_pipeline(arch, sampler)
+    labels = torch.tensor(LABELS)
+    x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    guided = pipe(labels, 1.0, num_steps=8, x_T=x_T, generator=torch.Generator().manual_seed(2))
+
+    generator, x = torch.Generator().manual_seed(2), x_T.clone()  # the textbook loop, no guidance code
+    pipe.scheduler.set_timesteps(8)
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            eps = pipe.model(x, torch.full((4,), int(t)), labels)
+            x = pipe.scheduler.step(eps, t, x, generator=generator).prev_sample
+    torch.testing.assert_close(guided, x, rtol=0, atol=1e-6)
+
+
+def test_per_sample_scales_equal_sampling_each_scale_alone(arch):
+    pipe = make_pipeline(arch)
+    scales = torch.tensor([0.0, 1.0, 3.0, 5.0])
+    x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    together = pipe(LABELS, scales, num_steps=10, x_T=x_T)
+    for i, s in enumerate(scales.tolist()):
+        alone = pipe(LABELS[i : i + 1], s, num_steps=10, x_T=x_T[i : i + 1])
+        torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_and_two_pass_sampling_agree():
+    pipe = make_pipeline()
+    x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    a = pipe(LABELS, 3.0, num_steps=10, x_T=x_T, batched=True)
+    b = pipe(LABELS, 3.0, num_steps=10, x_T=x_T, batched=False)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_is_deterministic_given_a_generator(sampler):
+    pipe = make_pipeline(sampler=sampler)
+
+    def run(seed):
+        return pipe(LABELS, 2.0, num_steps=5, generator=torch.Generator().manual_seed(seed))
+
+    first = run(0)
+    assert torch.equal(first, run(0))
+    assert not torch.allclose(first, run(1))
+    assert first.shape == (4, 1, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "labels, scale, steps, message",
+    [
+        ([0, 11], 1.0, 5, "out of range"),
+        ([-1], 1.0, 5, "out of range"),
+        ([0.5, 1.0], 1.0, 5, "integers"),
+        ([], 1.0, 5, "non-empty"),
+        ([1, 2], float("nan"), 5, "finite"),
+        ([1, 2], float("inf"), 5, "finite"),
+        ([1, 2], torch.tensor([1.0, 2.0, 3.0]), 5, "shape"),
+        ([1, 2], 1.0, 0, "positive integer"),
+        ([1, 2], 1.0, -3, "positive integer"),
+        ([1, 2], 1.0, 2.5, "positive integer"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(labels, scale, steps, message):
+    with pytest.raises(UserError, match=message):
+        make_pipeline()(labels, scale, num_steps=steps)

@@ -1,0 +1,110 @@
+"""Parity with diffusers' DDPMScheduler and DDIMScheduler, and the forward process in closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cfg_minimal.schedulers import DDIMScheduler, DDPMScheduler, make_betas
+
+diffusers = pytest.importorskip("diffusers")
+
+SCHEDULES = ["linear", "squaredcos_cap_v2"]
+SPACINGS = ["leading", "trailing"]
+
+
+def trajectory_inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, 8, 8, generator=g)
+    return x, [torch.randn(2, 1, 8, 8, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_betas_match_diffusers(schedule):
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule)
+    torch.testing.assert_close(make_betas(1000, schedule), ref.betas, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("num_steps", [10, 50])
+def test_ddim_eta0_trajectory_matches_diffusers(schedule, spacing, clip, num_steps):
+    kw = dict(num_train_timesteps=1000, beta_schedule=schedule, timestep_spacing=spacing, clip_sample=clip)
+    ours, ref = DDIMScheduler(**kw), diffusers.DDIMScheduler(**kw)
+    ours.set_timesteps(num_steps)
+    ref.set_timesteps(num_steps)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    x, eps_list = trajectory_inputs(num_steps)
+    x_ours, x_ref = x.clone(), x.clone()
+    for t, eps in zip(ours.timesteps, eps_list):  # eps stands in for a network's output
+        out, out_ref = ours.step(eps, t, x_ours), ref.step(eps, t, x_ref)
+        torch.testing.assert_close(out.pred_original_sample, out_ref.pred_original_sample, rtol=1e-5, atol=1e-5)
+        x_ours, x_ref = out.prev_sample, out_ref.prev_sample
+        torch.testing.assert_close(x_ours, x_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_eta1_and_final_alpha_match_diffusers(set_alpha_to_one):
+    kw = dict(num_train_timesteps=1000, set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+    ours, ref = DDIMScheduler(**kw), diffusers.DDIMScheduler(**kw)
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    x, eps_list = trajectory_inputs(20, seed=1)
+    for t, eps in zip(ours.timesteps, eps_list):
+        a = ours.step(eps, t, x, eta=1.0, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        b = ref.step(eps, t, x, eta=1.0, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_ddpm_posterior_mean_and_variance_match_diffusers(schedule, spacing):
+    """With the same noise, our DDPM step equals diffusers'; with zero noise the step is the
+    posterior mean, so the two together pin both the mean and the variance."""
+    kw = dict(num_train_timesteps=1000, beta_schedule=schedule, timestep_spacing=spacing)
+    ours, ref = DDPMScheduler(**kw), diffusers.DDPMScheduler(**kw)
+    ours.set_timesteps(25)
+    ref.set_timesteps(25)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    x, eps_list = trajectory_inputs(25, seed=2)
+    for t, eps in zip(ours.timesteps, eps_list):
+        a = ours.step(eps, t, x, generator=torch.Generator().manual_seed(int(t)))
+        b = ref.step(eps, t, x, generator=torch.Generator().manual_seed(int(t)))
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=1e-5, atol=1e-5)
+        coef_x0, coef_xt, variance = ours._posterior(int(t))
+        torch.testing.assert_close(variance, ref._get_variance(t).clamp(min=1e-20), rtol=1e-5, atol=1e-12)
+        x = a.prev_sample
+
+
+def test_ddpm_full_chain_matches_diffusers_without_set_timesteps():
+    ours, ref = DDPMScheduler(num_train_timesteps=50), diffusers.DDPMScheduler(num_train_timesteps=50)
+    x, eps_list = trajectory_inputs(50, seed=3)
+    for t, eps in zip(range(49, -1, -1), eps_list):
+        a = ours.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        b = ref.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        x = a
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_add_noise_is_the_closed_form(schedule):
+    sched = DDPMScheduler(beta_schedule=schedule)
+    x0, noise = torch.randn(4, 1, 6, 6), torch.randn(4, 1, 6, 6)
+    t = torch.tensor([0, 10, 500, 999])
+    abar = torch.cumprod(1 - make_betas(1000, schedule).double(), 0)[t].view(-1, 1, 1, 1)
+    expected = abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise.double()
+    torch.testing.assert_close(sched.add_noise(x0, noise, t), expected.float(), rtol=1e-5, atol=1e-5)
+    ref = diffusers.DDPMScheduler(beta_schedule=schedule)
+    torch.testing.assert_close(sched.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="beta_schedule"):
+        DDIMScheduler(beta_schedule="quadratic")
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        DDIMScheduler(timestep_spacing="middle")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        DDIMScheduler().set_timesteps(0)

@@ -1,0 +1,139 @@
+"""Train a CFG teacher, distil a guidance-conditioned student, and draw the figures.
+
+python train_mnist.py --dataset digits --out runs/digits            # teacher, student, figures
+python train_mnist.py --stage distill --teacher runs/digits/teacher.pt --out runs/digits
+python train_mnist.py --dataset mnist --data-dir ../shared/data --out runs/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cfg_minimal import ARCHITECTURES, DATASETS, TrainConfig, UserError, load_pipeline, train_teacher
+from cfg_minimal.distill import DistillConfig, distill_student
+from cfg_minimal.evaluate import sweep, write_sweep
+from cfg_minimal.plotting import sample_scale_grid, save_loss_curve, save_scale_grid
+from cfg_minimal.schedulers import BETA_SCHEDULES
+
+GRID_SCALES = (0.0, 1.0, 3.0, 5.0)
+REPORT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=list(DATASETS), help="digits needs no network")
+    p.add_argument("--data-dir", default="./data", help="where torchvision datasets are (or get downloaded)")
+    p.add_argument("--arch", default="unet", choices=list(ARCHITECTURES))
+    p.add_argument("--out", default="runs/digits", help="output folder for checkpoints and figures")
+    p.add_argument("--stage", default="all", choices=["teacher", "distill", "all"])
+    p.add_argument("--teacher", help="teacher checkpoint for --stage distill (default: OUT/teacher.pt)")
+    p.add_argument("--resume", action="store_true", help="continue interrupted runs from OUT's checkpoints")
+    p.add_argument("--teacher-steps", type=int, help="training steps (default: per dataset, see RECIPES)")
+    p.add_argument("--distill-steps", type=int, help="distillation steps (default: per dataset)")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="teacher learning rate")
+    p.add_argument("--distill-lr", type=float, default=DistillConfig.lr)
+    p.add_argument("--p-uncond", type=float, default=TrainConfig.p_uncond, help="label dropout probability")
+    p.add_argument("--beta-schedule", default=TrainConfig.beta_schedule, choices=BETA_SCHEDULES)
+    p.add_argument("--s-min", type=float, default=DistillConfig.s_min, help="student's guidance range, low end")
+    p.add_argument("--s-max", type=float, default=DistillConfig.s_max, help="student's guidance range, high end")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the figures")
+    p.add_argument("--eval-n", type=int, default=200, help="samples per scale for the closing teacher/student sweep")
+    p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = p.parse_args(argv)
+    for name in ("teacher_steps", "distill_steps", "batch_size", "sample_steps", "checkpoint_every", "eval_n"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not 0 <= args.p_uncond < 1:
+        p.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    return args
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").touch()
+        (out / ".write_test").unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to --out {str(out)!r} ({err.strerror}); choose another folder") from None
+
+
+def teacher_figures(out: Path, args: argparse.Namespace) -> None:
+    pipe = load_pipeline(out / "teacher.pt", device=_device(args))
+    grid = sample_scale_grid(pipe, GRID_SCALES, num_steps=args.sample_steps, seed=args.seed)
+    save_scale_grid(grid, GRID_SCALES, pipe.class_names, out / "samples_teacher.png",
+                    title=f"CFG teacher on {pipe.dataset}: rows = classes, same noise along a row")  # fmt: skip
+    print(f"wrote {out / 'samples_teacher.png'}")
+
+
+def student_figures(teacher_path: Path, out: Path, args: argparse.Namespace) -> None:
+    import torch
+
+    device = _device(args)
+    teacher, student = load_pipeline(teacher_path, device=device), load_pipeline(out / "student.pt", device=device)
+    grid_s = sample_scale_grid(student, GRID_SCALES, num_steps=args.sample_steps, seed=args.seed)
+    save_scale_grid(grid_s, GRID_SCALES, student.class_names, out / "samples_student.png",
+                    title=f"distilled student on {student.dataset}: one pass per step")  # fmt: skip
+    grid_t = sample_scale_grid(teacher, GRID_SCALES, num_steps=args.sample_steps, seed=args.seed)
+    pairs = torch.stack([grid_t[:, :, 0], grid_s[:, :, 0]], dim=2)  # (R, S, 2, C, H, W)
+    save_scale_grid(pairs, GRID_SCALES, student.class_names, out / "samples_compare.png",
+                    title="teacher (left) and student (right) per scale, same noise")  # fmt: skip
+    metrics, images = sweep({"teacher": teacher, "student": student}, REPORT_SCALES, n=args.eval_n,
+                            num_steps=args.sample_steps, seed=args.seed, data_dir=args.data_dir,
+                            progress=not args.no_progress)  # fmt: skip
+    write_sweep(metrics, images, teacher, out)
+    print(f"wrote {out / 'samples_student.png'} and {out / 'samples_compare.png'}")
+    print("  s     rel. L2(student, teacher)   accuracy teacher / student")
+    for row in metrics["student_vs_teacher"]:
+        print(f"  {row['scale']:<5g} {row['rel_l2']:>10.3f}{'':12}{row['acc_teacher']:.3f} / {row['acc_student']:.3f}")
+
+
+def _device(args: argparse.Namespace) -> str:
+    from cfg_minimal.train import pick_device
+
+    return str(pick_device(args.device))
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    check_writable(out)
+    curves = {}
+    teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
+    if args.stage in ("teacher", "all"):
+        cfg = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, steps=args.teacher_steps,
+                          batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
+                          beta_schedule=args.beta_schedule, seed=args.seed, device=args.device,
+                          checkpoint_every=args.checkpoint_every)  # fmt: skip
+        curves["teacher"] = train_teacher(cfg, out, resume=args.resume, progress=not args.no_progress).losses
+        teacher_path = out / "teacher.pt"
+        teacher_figures(out, args)
+    if args.stage in ("distill", "all"):
+        cfg = DistillConfig(steps=args.distill_steps, batch_size=args.batch_size, lr=args.distill_lr,
+                            s_min=args.s_min, s_max=args.s_max, seed=args.seed, device=args.device,
+                            checkpoint_every=args.checkpoint_every, data_dir=args.data_dir)  # fmt: skip
+        curves["student"] = distill_student(teacher_path, cfg, out, resume=args.resume,
+                                            progress=not args.no_progress).losses  # fmt: skip
+        student_figures(teacher_path, out, args)
+    save_loss_curve(curves, out / "loss.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
