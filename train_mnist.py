@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, help="training steps (default: per dataset, see RECIPES)")
     p.add_argument("--distill-steps", type=int, help="distillation steps (default: per dataset)")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--distill-batch-size", type=int, default=DistillConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="teacher learning rate")
     p.add_argument("--distill-lr", type=float, default=DistillConfig.lr)
     p.add_argument("--p-uncond", type=float, default=TrainConfig.p_uncond, help="label dropout probability")
@@ -40,13 +41,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s-min", type=float, default=DistillConfig.s_min, help="student's guidance range, low end")
     p.add_argument("--s-max", type=float, default=DistillConfig.s_max, help="student's guidance range, high end")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the figures")
-    p.add_argument("--eval-n", type=int, default=200, help="samples per scale for the closing teacher/student sweep")
+    p.add_argument("--eval-n", type=int, default=100, help="samples per scale for the closing teacher/student sweep")
     p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
-    for name in ("teacher_steps", "distill_steps", "batch_size", "sample_steps", "checkpoint_every", "eval_n"):
+    for name in (
+        "teacher_steps",
+        "distill_steps",
+        "batch_size",
+        "distill_batch_size",
+        "sample_steps",
+        "checkpoint_every",
+        "eval_n",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -114,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
         teacher_path = out / "teacher.pt"
         teacher_figures(out, args)
     if args.stage in ("distill", "all"):
-        cfg = DistillConfig(steps=args.distill_steps, batch_size=args.batch_size, lr=args.distill_lr,
+        cfg = DistillConfig(steps=args.distill_steps, batch_size=args.distill_batch_size, lr=args.distill_lr,
                             s_min=args.s_min, s_max=args.s_max, seed=args.seed, device=args.device,
                             checkpoint_every=args.checkpoint_every, data_dir=args.data_dir)  # fmt: skip
         curves["student"] = distill_student(teacher_path, cfg, out, resume=args.resume,

@@ -26,19 +26,22 @@ def sinusoidal_embedding(x: torch.Tensor, dim: int, max_period: float = 10000.0)
 
 
 class ScalarEmbedder(nn.Module):
-    """A scalar per sample (timestep or guidance scale) -> sinusoid -> MLP -> (B, dim)."""
+    """A scalar per sample (timestep or guidance scale) -> sinusoid -> MLP -> (B, out_dim)."""
 
-    def __init__(self, dim: int, freq_dim: int = 64, input_scale: float = 1.0, zero_init: bool = False):
+    def __init__(
+        self, out_dim: int, freq_dim: int = 64, input_scale: float = 1.0, zero_init: bool = False, hidden: int = 0
+    ):
         super().__init__()
         self.freq_dim = freq_dim
         self.input_scale = input_scale
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        hidden = hidden or out_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
         if zero_init:  # the embedding starts at exactly 0, so adding it changes nothing
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(value * self.input_scale, self.freq_dim))  # (B, dim)
+        return self.mlp(sinusoidal_embedding(value * self.input_scale, self.freq_dim))  # (B, out_dim)
 
 
 class LabelEmbedder(nn.Module):
@@ -68,19 +71,24 @@ class LabelEmbedder(nn.Module):
 
 
 class Conditioning(nn.Module):
-    """c = emb(t) + emb(y) [+ emb(s)] -> (B, dim); the guidance term exists only in a student.
+    """c = emb(t) + emb(y) [+ emb(s)] -> (B, dim); the guidance terms exist only in a student.
 
-    The student's guidance embedder ends in a zero-initialised layer, so a student made from a
-    teacher starts out as exactly the teacher's conditional prediction.
+    A student also scales its label's offset from the null label by a learned function of s,
+        emb(y, s) = emb(y) - u(s) * (emb(y) - emb(null)),
+    because at s = 0 it must ignore the label (eps = eps_u) and an additive emb(s), the same for
+    every y, cannot cancel emb(y); with u(0) = 1 the label is simply switched off. Both
+    u and emb(s) end in zero-initialised layers, so a student made from a teacher starts out as
+    exactly the teacher's conditional prediction.
     """
 
     def __init__(self, dim: int, num_classes: int, p_uncond: float = 0.1, guidance_embed: bool = False):
         super().__init__()
         self.time = ScalarEmbedder(dim)
         self.label = LabelEmbedder(num_classes, dim, p_uncond)
-        self.guidance = (
-            ScalarEmbedder(dim, input_scale=GUIDANCE_EMBED_SCALE, zero_init=True) if guidance_embed else None
-        )
+        self.guidance = None
+        if guidance_embed:
+            self.guidance = ScalarEmbedder(dim, input_scale=GUIDANCE_EMBED_SCALE, zero_init=True)
+            self.label_off = ScalarEmbedder(1, input_scale=GUIDANCE_EMBED_SCALE, zero_init=True, hidden=64)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
         if (guidance is None) != (self.guidance is None):
@@ -89,7 +97,9 @@ class Conditioning(nn.Module):
                 if self.guidance is not None
                 else "this model is a CFG teacher: it takes no `guidance` input; use guided_noise_pred to guide it"
             )
-        c = self.time(t) + self.label(y)  # (B, dim)
-        if self.guidance is not None:
-            c = c + self.guidance(guidance)
-        return c
+        label = self.label(y)  # (B, dim)
+        if self.guidance is None:
+            return self.time(t) + label
+        null = self.label.table.weight[self.label.num_classes]  # (dim,)
+        label = label - self.label_off(guidance) * (label - null)  # (B, dim)
+        return self.time(t) + label + self.guidance(guidance)

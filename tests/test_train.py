@@ -1,0 +1,75 @@
+"""Training: the loss goes down, an interrupted run resumes exactly, a NaN loss stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cfg_minimal import TrainConfig, UserError, load_checkpoint, train_teacher
+from cfg_minimal.data import load_dataset
+from cfg_minimal.models import build_model
+from cfg_minimal.train import fit
+from conftest import REPO
+
+
+def test_short_training_lowers_the_loss(arch, tmp_path):
+    cfg = TrainConfig(arch=arch, steps=80, batch_size=32, lr=3e-3, warmup_steps=10, device="cpu")
+    result = train_teacher(cfg, tmp_path, progress=False)
+    first, last = result.losses[0], sum(result.losses[-2:]) / 2  # mean loss over steps 1-10, and 61-80
+    assert last < 0.6 * first, result.losses
+    ckpt = load_checkpoint(tmp_path / "teacher.pt", kind="teacher")
+    assert ckpt["step"] == 80 and ckpt["dataset"] == "digits" and ckpt["image_size"] == 16
+
+
+def train_cmd(out, steps: int) -> list[str]:
+    return [sys.executable, str(REPO / "train_mnist.py"), "--stage", "teacher", "--arch", "unet-tiny",
+            "--teacher-steps", str(steps), "--batch-size", "16", "--checkpoint-every", "10000", "--sample-steps", "2",
+            "--device", "cpu", "--out", str(out)]  # fmt: skip
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
+    steps = 1500
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(train_cmd(tmp_path / "a", steps), stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    while "training teacher" not in seen or "| 1" not in seen:  # the bar is up and moving
+        seen += proc.stderr.read(1)
+        assert proc.poll() is None, seen
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    stopped = load_checkpoint(tmp_path / "a" / "teacher.pt")
+    assert 0 < stopped["step"] < steps, "interrupt too late for the test to mean anything"
+    assert not [p for p in (tmp_path / "a").iterdir() if p.suffix == ".tmp"]  # never a half-written file
+
+    subprocess.run(train_cmd(tmp_path / "a", steps) + ["--resume"], check=True, env=env, capture_output=True)
+    subprocess.run(train_cmd(tmp_path / "b", steps), check=True, env=env, capture_output=True)
+    resumed, straight = load_checkpoint(tmp_path / "a" / "teacher.pt"), load_checkpoint(tmp_path / "b" / "teacher.pt")
+    assert resumed["step"] == straight["step"] == steps
+    assert resumed["losses"] == straight["losses"]  # the loss curve continues exactly where it stopped
+    for key in straight["ema"]:
+        assert torch.equal(resumed["ema"][key], straight["ema"][key]), key
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def loss_fn(model, x0, y):
+        calls.append(1)
+        loss = (model(x0, torch.zeros(len(y), dtype=torch.long), y) - x0).pow(2).mean()
+        return loss * float("nan") if len(calls) > 25 else loss
+
+    data = load_dataset("digits")
+    path = tmp_path / "teacher.pt"
+    with pytest.raises(UserError, match="loss became nan at step 25.*last good checkpoint"):
+        fit(build_model("unet-tiny"), loss_fn, data, path, {"kind": "teacher"}, steps=100, batch_size=8, lr=1e-3,
+            warmup_steps=1, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, device=torch.device("cpu"),
+            checkpoint_every=20, progress=False)  # fmt: skip
+    assert torch.load(path, weights_only=True)["step"] == 20
