@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = sample_scale_grid(pipe, args.scales, args.n_per_class, steps, args.seed, progress=True)
         seconds = time.perf_counter() - start
         kind = "student (1 pass per step)" if pipe.is_student else "CFG teacher"
-        save_scale_grid(grid, args.scales, pipe.class_names, args.out,
-                        title=f"{kind} on {pipe.dataset}, {steps} {args.sampler.upper()} steps, seed {args.seed}")  # fmt: skip
+        title = f"{kind} on {pipe.dataset}, {steps} {args.sampler.upper()} steps, seed {args.seed}"
+        save_scale_grid(grid, args.scales, pipe.class_names, args.out, title=title)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

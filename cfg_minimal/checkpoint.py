@@ -48,6 +48,11 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist; train one with `python train_mnist.py --out DIR`")
+    if not zipfile.is_zipfile(path):
+        raise UserError(
+            f"{str(path)!r} is not a readable checkpoint (truncated or corrupt, or not written by torch.save); "
+            "retrain it, or use the last good copy"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -5,8 +5,8 @@ guided prediction in one pass:
     L = E_{x_0, y, t, eps, s} || eps_phi(x_t, t, y, s) - [eps_u + s (eps_c - eps_u)] ||^2,
 the target from the teacher's EMA weights via `guided_noise_pred` (the function the sampler uses).
 The student is the teacher's architecture plus a guidance embedder (embeddings.Conditioning) whose
-last layer is zero: it starts as the teacher's conditional prediction, eps_c, and every teacher
-weight is copied.
+last layer is zero, and every teacher weight is copied: it starts as the teacher's conditional
+prediction eps_c for s >= 1 and as eps_u at s = 0 (the label fades in over s in [0, 1]).
 """
 
 from __future__ import annotations
@@ -48,12 +48,14 @@ class DistillConfig:
 
 
 def make_student(teacher: DiffusionModel) -> DiffusionModel:
-    """The teacher's architecture with a guidance embedder; all teacher weights copied; no label dropout."""
+    """The teacher's architecture with a guidance embedder; all teacher weights copied; no label dropout.
+
+    At initialisation it predicts eps_u at s = 0 and eps_c for s >= 1 (see embeddings.Conditioning)."""
     if teacher.is_student:
         raise UserError("this model is already a guidance-distilled student; distil from its teacher instead")
     student = build_model(teacher.arch, **{**teacher.config, "guidance_embed": True, "p_uncond": 0.0})
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(("cond.guidance.", "cond.label_off.")) for k in missing), missing
+    assert not unexpected and all(k.startswith("cond.guidance.") for k in missing), missing
     return student.to(next(teacher.parameters()).device)
 
 

@@ -73,12 +73,12 @@ class LabelEmbedder(nn.Module):
 class Conditioning(nn.Module):
     """c = emb(t) + emb(y) [+ emb(s)] -> (B, dim); the guidance terms exist only in a student.
 
-    A student also scales its label's offset from the null label by a learned function of s,
-        emb(y, s) = emb(y) - u(s) * (emb(y) - emb(null)),
-    because at s = 0 it must ignore the label (eps = eps_u) and an additive emb(s), the same for
-    every y, cannot cancel emb(y); with u(0) = 1 the label is simply switched off. Both
-    u and emb(s) end in zero-initialised layers, so a student made from a teacher starts out as
-    exactly the teacher's conditional prediction.
+    A student also fades its label in over s in [0, 1]:
+        emb(y, s) = emb(null) + min(s, 1) * (emb(y) - emb(null)),
+    because at s = 0 it must ignore the label (eps = eps_u), and an additive emb(s), the same for
+    every y, cannot cancel emb(y). emb(s) ends in a zero-initialised layer, so a student made from
+    a teacher starts out as exactly the teacher's CFG prediction at s = 0 (eps_u) and s = 1 (eps_c),
+    and as eps_c for every s > 1: what distillation has to learn is the extrapolation.
     """
 
     def __init__(self, dim: int, num_classes: int, p_uncond: float = 0.1, guidance_embed: bool = False):
@@ -88,7 +88,6 @@ class Conditioning(nn.Module):
         self.guidance = None
         if guidance_embed:
             self.guidance = ScalarEmbedder(dim, input_scale=GUIDANCE_EMBED_SCALE, zero_init=True)
-            self.label_off = ScalarEmbedder(1, input_scale=GUIDANCE_EMBED_SCALE, zero_init=True, hidden=64)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
         if (guidance is None) != (self.guidance is None):
@@ -100,6 +99,7 @@ class Conditioning(nn.Module):
         label = self.label(y)  # (B, dim)
         if self.guidance is None:
             return self.time(t) + label
+        fade = guidance.clamp(0, 1)[:, None].to(label.dtype)  # (B, 1)
         null = self.label.table.weight[self.label.num_classes]  # (dim,)
-        label = label - self.label_off(guidance) * (label - null)  # (B, dim)
+        label = torch.where(fade == 1, label, null + fade * (label - null))  # exact emb(y) for s >= 1
         return self.time(t) + label + self.guidance(guidance)

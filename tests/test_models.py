@@ -6,10 +6,10 @@ import pickle
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from cfg_minimal import UserError, build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
 from cfg_minimal.distill import make_student
-from conftest import tiny_model
 
 
 def test_label_dropout_rate_in_training_and_none_in_eval(arch):
@@ -47,14 +47,18 @@ def test_checkpoint_round_trip_rebuilds_an_identical_model(arch, tmp_path):
         assert torch.equal(rebuilt(x, t, y), model(x, t, y))
 
 
-def test_untrained_student_equals_the_teacher_conditional_prediction(arch):
+def test_untrained_student_equals_the_teacher_cfg_prediction_at_s0_and_s1(arch):
+    """Conditional prediction for every s >= 1 (s = 1 is exactly CFG); unconditional at s = 0."""
     teacher = tiny_model(arch)
     student = make_student(teacher).eval()
     assert student.is_student and not teacher.is_student
     x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([3, 300, 600, 999]), torch.tensor([1, 2, 3, 10])
     with torch.no_grad():
-        for s in [0.0, 1.0, 3.0, 7.5]:
+        for s in [1.0, 3.0, 7.5]:
             assert torch.equal(student(x, t, y, guidance=torch.full((4,), s)), teacher(x, t, y))
+        null = torch.full_like(y, teacher.null_class)
+        assert torch.equal(student(x, t, y, guidance=torch.zeros(4)), teacher(x, t, null))
+        assert not torch.allclose(teacher(x, t, null), teacher(x, t, y))
 
 
 def test_student_and_teacher_refuse_the_wrong_call(arch):

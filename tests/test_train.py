@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
+from conftest import REPO
 
 from cfg_minimal import TrainConfig, UserError, load_checkpoint, train_teacher
 from cfg_minimal.data import load_dataset
 from cfg_minimal.models import build_model
 from cfg_minimal.train import fit
-from conftest import REPO
 
 
 def test_short_training_lowers_the_loss(arch, tmp_path):

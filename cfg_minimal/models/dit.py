@@ -16,8 +16,7 @@ from torch import nn
 
 from ..embeddings import Conditioning, sinusoidal_embedding
 from ..errors import UserError
-from .base import DiffusionModel
-from .unet import zero_init
+from .base import DiffusionModel, zero_init
 
 
 def xavier_init(linear: nn.Linear) -> nn.Linear:

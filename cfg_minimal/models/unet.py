@@ -14,13 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..embeddings import Conditioning
-from .base import DiffusionModel, group_norm
-
-
-def zero_init(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
+from .base import DiffusionModel, group_norm, zero_init
 
 
 class ResBlock(nn.Module):

@@ -1,0 +1,99 @@
+"""The command-line tools, end to end on digits with tiny settings, and their handling of mistakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from cfg_minimal import load_checkpoint
+
+TINY = ["--arch", "unet-tiny", "--teacher-steps", "40", "--distill-steps", "20", "--batch-size", "16",
+        "--distill-batch-size", "16", "--sample-steps", "4", "--eval-n", "20", "--device", "cpu",
+        "--no-progress"]  # fmt: skip
+
+
+def run(script: str, *args: str, cache=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CFG_MINIMAL_CACHE": str(cache)} if cache else None
+    cmd = [sys.executable, *(["-m", script] if script.startswith("cfg_minimal") else [str(REPO / script)]), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    result = run("train_mnist.py", "--dataset", "digits", "--out", str(out), *TINY, cache=out / "cache")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_train_writes_every_file(run_dir):
+    for name in ["teacher.pt", "student.pt", "samples_teacher.png", "samples_student.png", "samples_compare.png",
+                 "metrics.json", "guidance_sweep.png", "samples_by_scale.png", "loss.png"]:  # fmt: skip
+        assert (run_dir / name).stat().st_size > 0, name
+    assert load_checkpoint(run_dir / "teacher.pt", kind="teacher")["step"] == 40
+    assert load_checkpoint(run_dir / "student.pt", kind="student")["step"] == 20
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["scale"] for row in metrics["student_vs_teacher"]] == [0, 1, 2, 3, 5]
+    assert set(metrics["models"]) == {"teacher", "student"}
+
+
+@pytest.mark.parametrize("ckpt", ["teacher.pt", "student.pt"])
+def test_sample_reads_either_checkpoint(run_dir, ckpt, tmp_path):
+    out = tmp_path / "grid.png"
+    result = run("sample.py", str(run_dir / ckpt), "--scales", "0", "1", "3", "--n-per-class", "2", "--steps", "3",
+                 "--out", str(out), "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size[0] > 100
+
+
+def test_evaluate_sweep_writes_every_scale_and_model(run_dir, tmp_path):
+    result = run("cfg_minimal.evaluate", "--ckpt", str(run_dir / "teacher.pt"), "--ckpt", str(run_dir / "student.pt"),
+                 "--scales", "0", "2", "4", "--n", "20", "--steps", "3", "--out", str(tmp_path),
+                 "--device", "cpu", cache=run_dir / "cache")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("teacher", "student"):
+        assert [row["scale"] for row in metrics["models"][name]["per_scale"]] == [0, 2, 4]
+        assert all(row["fd"] >= 0 and 0 <= row["accuracy"] <= 1 for row in metrics["models"][name]["per_scale"])
+    assert metrics["models"]["teacher"]["per_scale"][1]["evals_per_image"] == 6  # 3 steps x 2 passes
+    assert metrics["models"]["student"]["per_scale"][1]["evals_per_image"] == 3
+    assert (tmp_path / "guidance_sweep.png").exists() and (tmp_path / "samples_by_scale.png").exists()
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("train_mnist.py", ["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+        ("train_mnist.py", ["--arch", "resnet"], "invalid choice: 'resnet'"),
+        ("train_mnist.py", ["--teacher-steps", "0"], "--teacher-steps must be a positive integer"),
+        ("train_mnist.py", ["--p-uncond", "1.5"], "--p-uncond must be in [0, 1)"),
+        ("train_mnist.py", ["--out", "/proc/forbidden"], "cannot write to --out"),
+        ("train_mnist.py", ["--stage", "distill", "--teacher", "missing.pt", "--out", "{tmp}"], "does not exist"),
+        ("sample.py", ["missing.pt"], "does not exist"),
+        ("sample.py", ["{run}/teacher.pt", "--scales", "nan"], "--scales must be finite"),
+        ("sample.py", ["{run}/teacher.pt", "--steps", "0"], "--steps must be a positive integer"),
+        ("sample.py", ["{run}/teacher.pt", "--steps", "5000"], "at most 1000"),
+        ("sample.py", ["{run}/samples_teacher.png"], "not a readable checkpoint"),
+        ("train_mnist.py", ["--stage", "distill", "--teacher", "{run}/student.pt", "--out", "{tmp}"],
+         "is a student checkpoint, but a teacher is needed"),
+    ],
+)  # fmt: skip
+def test_user_mistakes_exit_2_with_one_message(run_dir, tmp_path, script, args, message):
+    args = [a.format(run=run_dir, tmp=tmp_path) for a in args]
+    result = run(script, *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_failed_download_names_the_fixes(tmp_path):
+    result = run("train_mnist.py", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "--data-dir" in result.stderr and "--dataset digits" in result.stderr
+    assert "Traceback" not in result.stderr
