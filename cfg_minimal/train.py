@@ -232,7 +232,12 @@ def train_teacher(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, p
     resume_from = None
     if resume and path.exists():
         resume_from = load_checkpoint(path, kind="teacher")
-        cfg = TrainConfig(**{**resume_from["train_config"], "device": cfg.device})
+        stored = resume_from["train_config"]
+        for key in ("dataset", "arch"):
+            if stored[key] != getattr(cfg, key):
+                raise UserError(f"--resume: {str(path)!r} was trained with --{key} {stored[key]}, not "
+                                f"{getattr(cfg, key)}; pass the same flags, or choose another --out")  # fmt: skip
+        cfg = TrainConfig(**{**stored, "device": cfg.device})
     steps = cfg.steps if cfg.steps is not None else RECIPES[cfg.dataset]["teacher_steps"]
     if steps < 1:
         raise UserError(f"--teacher-steps must be at least 1, got {steps}")
