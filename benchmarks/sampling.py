@@ -1,7 +1,7 @@
 """Sampling cost: CFG teacher (two passes, or one batched pass over 2B) versus the distilled student.
 
-    python benchmarks/sampling.py                         # digits-sized UNet, CPU
-    python benchmarks/sampling.py --ckpt runs/digits/teacher.pt --device cuda
+    python -m benchmarks.sampling                         # digits-sized UNet, CPU
+    python -m benchmarks.sampling --ckpt runs/digits/teacher.pt --device cuda
 
 Speed does not depend on the weights, so without --ckpt an untrained model of the default size is
 timed. Prints network evaluations per image and wall time per batch (median of --repeats runs),

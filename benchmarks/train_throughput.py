@@ -1,6 +1,6 @@
 """Training throughput of the registered architectures: parameters and images/s per training step.
 
-    python benchmarks/train_throughput.py --archs unet dit --sizes 16 28
+    python -m benchmarks.train_throughput --archs unet dit --sizes 16 28
 
 One AdamW step on the eps-prediction loss at batch --batch-size; median of --repeats timed steps
 after two warm-up steps. Prints a markdown table.

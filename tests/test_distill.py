@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_ARCHS
 
 from cfg_minimal import TrainConfig, UserError, load_pipeline, train_teacher
 from cfg_minimal.distill import DistillConfig, distill_student, sample_scales
@@ -13,11 +14,12 @@ from cfg_minimal.schedulers import DDPMScheduler
 HELD_OUT_SCALES = [0.0, 1.0, 3.0, 5.0]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A tiny UNet teacher (150 steps) and its student (300 distillation steps), on digits."""
-    out = tmp_path_factory.mktemp("run")
-    train_teacher(TrainConfig(arch="unet-tiny", steps=150, batch_size=32, lr=3e-3, device="cpu"), out, progress=False)
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def tiny_run(request, tmp_path_factory):
+    """A tiny teacher (150 steps) and its student (300 distillation steps), on digits."""
+    out = tmp_path_factory.mktemp(request.param)
+    cfg = TrainConfig(arch=request.param, steps=150, batch_size=32, lr=3e-3, device="cpu")
+    train_teacher(cfg, out, progress=False)
     student_cfg = DistillConfig(steps=300, batch_size=32, lr=3e-3, device="cpu")
     distill_student(out / "teacher.pt", student_cfg, out, progress=False)
     return out
@@ -39,16 +41,19 @@ def held_out_error(student, teacher, n: int = 256) -> dict[float, float]:
 
 
 def test_distilled_student_matches_the_cfg_target_far_better_than_at_init(tiny_run):
+    """At initialisation the student is exact at s = 0 and 1 (see make_student) and off by
+    (s - 1) * (eps_c - eps_u) beyond; distillation must cut that error by at least 4x at s = 3 and
+    5, and keep every scale, 0 and 1 included, under an absolute bound."""
     from cfg_minimal.distill import make_student
 
     teacher = load_pipeline(tiny_run / "teacher.pt").model
     student = load_pipeline(tiny_run / "student.pt").model
     before = held_out_error(make_student(teacher).eval(), teacher)
     after = held_out_error(student, teacher)
-    mean_before, mean_after = sum(before.values()) / 4, sum(after.values()) / 4
-    assert mean_after < mean_before / 4, (before, after)  # a factor of at least 4 on average
-    assert after[3.0] < before[3.0] / 4 and after[5.0] < before[5.0] / 4
-    assert max(after.values()) < 0.05, after  # absolute bound (target variance is ~1)
+    assert before[0.0] == before[1.0] == 0.0
+    for s in (3.0, 5.0):
+        assert after[s] < before[s] / 4, (before, after)
+    assert max(after.values()) < 0.02, after  # the targets have variance ~1
 
 
 def test_scale_sampling_covers_the_range_with_weight_at_0_and_1():

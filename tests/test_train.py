@@ -38,7 +38,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(train_cmd(tmp_path / "a", steps), stderr=subprocess.PIPE, text=True, env=env)
     seen = ""
-    while "training teacher" not in seen or "| 1" not in seen:  # the bar is up and moving
+    while "training teacher" not in seen or "it/s" not in seen:  # the bar is up and moving
         seen += proc.stderr.read(1)
         assert proc.poll() is None, seen
     time.sleep(0.5)
