@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def save_scale_grid(
     ax.tick_params(length=0)
     ax.xaxis.tick_top()
     if title:
-        ax.set_title(title, fontsize=10, pad=18)
+        ax.set_title(textwrap.fill(title, 48), fontsize=9, pad=18)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
