@@ -6,13 +6,10 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless machines get the Agg backend automatically; notebooks keep inline
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .data import to_unit_range  # noqa: E402
+from .data import to_unit_range
 
 
 def tile(images: torch.Tensor, pad: int = 1) -> torch.Tensor:
