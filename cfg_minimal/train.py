@@ -92,21 +92,21 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt while training, so both save a checkpoint and stop."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """While training, Ctrl-C and SIGTERM only raise a flag; the loop checks it between steps, so a
+    checkpoint never holds half a step (a half-applied optimizer update, a consumed RNG draw)."""
+    requested: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = [signal.signal(sig, lambda signum, frame: requested.append(signum)) for sig in signals]
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        yield lambda: False
         return
     try:
-        yield
+        yield lambda: bool(requested)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in zip(signals, previous):
+            signal.signal(sig, handler)
 
 
 def rng_state() -> dict[str, Any]:
@@ -157,12 +157,13 @@ def fit(
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    start, losses = 0, []
+    start, losses, window = 0, [], []  # window: losses since the last logged mean
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         ema.load_state_dict(resume_from["ema"])
         optimizer.load_state_dict(resume_from["optimizer"])
         start, losses = resume_from["step"], list(resume_from["losses"])
+        window = list(resume_from["loss_window"])
         set_rng_state(resume_from["rng"])
     images, labels = data.images.to(device), data.labels.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -170,42 +171,40 @@ def fit(
     def save(step: int) -> None:
         save_checkpoint(path, {**metadata, "step": step, "total_steps": steps, "model": model.state_dict(),
                                "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                               "losses": losses})  # fmt: skip
+                               "losses": losses, "loss_window": window})  # fmt: skip
 
-    step, window = start, []
+    step = start
     bar = tqdm(total=steps, initial=start, desc=f"training {path.stem}", disable=not progress, dynamic_ncols=True)
-    try:
-        with sigterm_as_interrupt():
-            while step < steps:
-                idx = torch.randint(0, len(labels), (batch_size,), device=device)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, lr, warmup_steps, steps)
-                with autocast:
-                    loss = loss_fn(model, images[idx], labels[idx])
-                if not torch.isfinite(loss):
-                    raise UserError(
-                        f"the loss became {loss.item()} at step {step}; stopped, keeping the last good checkpoint "
-                        f"{str(path)!r}. Lower --lr, or resume from that checkpoint with --resume"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))  # EMA warm-up
-                step += 1
-                window.append(loss.item())
-                if len(window) == log_every:
-                    losses.append(sum(window) / len(window))
-                    window = []
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                bar.update(1)
-                if step % checkpoint_every == 0 or step == steps:
-                    save(step)
-    except KeyboardInterrupt:
-        save(step)
-        bar.close()
-        print(f"\ninterrupted at step {step}/{steps}; saved {path}. Run the same command with --resume to continue.")
-        raise
+    with stop_requests() as stop_requested:
+        while step < steps:
+            idx = torch.randint(0, len(labels), (batch_size,), device=device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, lr, warmup_steps, steps)
+            with autocast:
+                loss = loss_fn(model, images[idx], labels[idx])
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"the loss became {loss.item()} at step {step}; stopped, keeping the last good checkpoint "
+                    f"{str(path)!r}. Lower --lr, or resume from that checkpoint with --resume"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))  # EMA warm-up
+            step += 1
+            window.append(loss.item())
+            if len(window) == log_every:
+                losses.append(sum(window) / len(window))
+                window = []
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update(1)
+            if step % checkpoint_every == 0 or step == steps or stop_requested():
+                save(step)
+            if stop_requested() and step < steps:
+                bar.close()
+                print(f"\ninterrupted at step {step}/{steps}; saved {path}. Run the same command with --resume.")
+                raise KeyboardInterrupt
     bar.close()
     return FitResult(ema=ema, losses=losses, path=path)
 
