@@ -126,7 +126,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class FitResult:
     ema: DiffusionModel  # the EMA weights, in eval mode: what sampling uses
     losses: list[float]  # mean loss per `log_every` steps
-    path: Path
 
 
 def fit(
@@ -206,7 +205,7 @@ def fit(
                 print(f"\ninterrupted at step {step}/{steps}; saved {path}. Run the same command with --resume.")
                 raise KeyboardInterrupt
     bar.close()
-    return FitResult(ema=ema, losses=losses, path=path)
+    return FitResult(ema=ema, losses=losses)
 
 
 def diffusion_loss(scheduler: DDPMScheduler) -> Callable[[DiffusionModel, torch.Tensor, torch.Tensor], torch.Tensor]:
