@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from cfg_minimal import ARCHITECTURES, DATASETS, TrainConfig, UserError, load_pipeline, train_teacher
 from cfg_minimal.distill import DistillConfig, distill_student
 from cfg_minimal.evaluate import sweep, write_sweep
@@ -73,23 +75,24 @@ def check_writable(out: Path) -> None:
         raise UserError(f"cannot write to --out {str(out)!r} ({err.strerror}); choose another folder") from None
 
 
-def teacher_figures(out: Path, args: argparse.Namespace) -> None:
+def teacher_figures(out: Path, args: argparse.Namespace) -> torch.Tensor:
+    """Write samples_teacher.png; return its grid (R, S, 1, C, H, W) for the comparison figure."""
     pipe = load_pipeline(out / "teacher.pt", device=_device(args))
     grid = sample_scale_grid(pipe, GRID_SCALES, num_steps=args.sample_steps, seed=args.seed)
     save_scale_grid(grid, GRID_SCALES, pipe.class_names, out / "samples_teacher.png",
                     title=f"CFG teacher on {pipe.dataset}: rows = classes, same noise along a row")  # fmt: skip
     print(f"wrote {out / 'samples_teacher.png'}")
+    return grid
 
 
-def student_figures(teacher_path: Path, out: Path, args: argparse.Namespace) -> None:
-    import torch
-
+def student_figures(teacher_path: Path, out: Path, args: argparse.Namespace, grid_t: torch.Tensor | None) -> None:
     device = _device(args)
     teacher, student = load_pipeline(teacher_path, device=device), load_pipeline(out / "student.pt", device=device)
     grid_s = sample_scale_grid(student, GRID_SCALES, num_steps=args.sample_steps, seed=args.seed)
     save_scale_grid(grid_s, GRID_SCALES, student.class_names, out / "samples_student.png",
                     title=f"distilled student on {student.dataset}: one pass per step")  # fmt: skip
-    grid_t = sample_scale_grid(teacher, GRID_SCALES, num_steps=args.sample_steps, seed=args.seed)
+    if grid_t is None:  # --stage distill: the teacher's grid was not drawn in this run
+        grid_t = sample_scale_grid(teacher, GRID_SCALES, num_steps=args.sample_steps, seed=args.seed)
     pairs = torch.stack([grid_t[:, :, 0], grid_s[:, :, 0]], dim=2)  # (R, S, 2, C, H, W)
     save_scale_grid(pairs, GRID_SCALES, student.class_names, out / "samples_compare.png",
                     title="teacher (left) and student (right) per scale, same noise")  # fmt: skip
@@ -114,6 +117,7 @@ def run(args: argparse.Namespace) -> None:
     check_writable(out)
     curves = {}
     teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
+    grid_t = None
     if args.stage in ("teacher", "all"):
         cfg = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, steps=args.teacher_steps,
                           batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond,
@@ -121,14 +125,14 @@ def run(args: argparse.Namespace) -> None:
                           checkpoint_every=args.checkpoint_every)  # fmt: skip
         curves["teacher"] = train_teacher(cfg, out, resume=args.resume, progress=not args.no_progress).losses
         teacher_path = out / "teacher.pt"
-        teacher_figures(out, args)
+        grid_t = teacher_figures(out, args)
     if args.stage in ("distill", "all"):
         cfg = DistillConfig(steps=args.distill_steps, batch_size=args.distill_batch_size, lr=args.distill_lr,
                             s_min=args.s_min, s_max=args.s_max, seed=args.seed, device=args.device,
                             checkpoint_every=args.checkpoint_every, data_dir=args.data_dir)  # fmt: skip
         curves["student"] = distill_student(teacher_path, cfg, out, resume=args.resume,
                                             progress=not args.no_progress).losses  # fmt: skip
-        student_figures(teacher_path, out, args)
+        student_figures(teacher_path, out, args, grid_t)
     save_loss_curve(curves, out / "loss.png")
 
 
