@@ -1,6 +1,7 @@
 """Sample a grid from a teacher or student checkpoint: rows = classes, one block of columns per scale.
 
 python sample.py runs/digits/teacher.pt --scales 0 1 3 --n-per-class 8 --steps 50 --seed 0 --out grid.png
+python sample.py runs/digits/teacher.pt --scales 1 3 6 --negative-label 1 --out not_a_one.png
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-per-class", type=int, default=8, help="images per class and scale")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SCHEDULERS))
+    p.add_argument("--negative-label", type=int, help="negative class: guide away from it (teacher only)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2023; teacher only)")
+    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_LO", "T_HI"),
+                   help="guide only at timesteps T_LO <= t <= T_HI, plain conditional elsewhere")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="grid.png")
@@ -42,10 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.ckpt, device=pick_device(args.device), scheduler=args.sampler)
         steps = args.steps or pipe.default_steps
         start = time.perf_counter()
-        grid = sample_scale_grid(pipe, args.scales, args.n_per_class, steps, args.seed, progress=True)
+        interval = tuple(args.guidance_interval) if args.guidance_interval else None
+        variants = dict(negative_labels=args.negative_label, guidance_rescale=args.guidance_rescale,
+                        guidance_interval=interval)  # fmt: skip
+        grid = sample_scale_grid(pipe, args.scales, args.n_per_class, steps, args.seed, progress=True, **variants)
         seconds = time.perf_counter() - start
         kind = "student (1 pass per step)" if pipe.is_student else "CFG teacher"
         title = f"{kind} on {pipe.dataset}, {steps} {args.sampler.upper()} steps, seed {args.seed}"
+        if args.negative_label is not None:
+            title += f", negative class {args.negative_label}"
+        if args.guidance_rescale:
+            title += f", rescale {args.guidance_rescale:g}"
+        if args.guidance_interval:
+            title += ", guided for t in [{}, {}]".format(*args.guidance_interval)
         save_scale_grid(grid, args.scales, pipe.class_names, args.out, title=title)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

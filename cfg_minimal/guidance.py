@@ -59,6 +59,30 @@ def as_scale_tensor(scale: float | torch.Tensor, batch_size: int, device: torch.
     return scale
 
 
+def rescale_guidance(eps_guided: torch.Tensor, eps_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules ...", Sec. 3.4, eqs. 15-16):
+
+        eps_rescaled = eps_cfg * std(eps_c) / std(eps_cfg)
+        eps          = phi * eps_rescaled + (1 - phi) * eps_cfg,
+
+    std per sample over (C, H, W). A large s inflates the guided prediction's spread, which over-exposes
+    images; phi in [0, 1] pulls it back to the conditional prediction's spread. Applied to eps, as
+    diffusers' `guidance_rescale` does."""
+    dims = tuple(range(1, eps_guided.ndim))
+    ratio = eps_cond.std(dim=dims, keepdim=True) / eps_guided.std(dim=dims, keepdim=True).clamp(min=1e-12)  # (B,1,1,1)
+    return phi * (eps_guided * ratio) + (1 - phi) * eps_guided
+
+
+def interval_scale(scale: torch.Tensor, t: torch.Tensor, interval: tuple[int, int]) -> torch.Tensor:
+    """Guidance in a limited interval (Kynkäänniemi et al. 2024): s where t_lo <= t <= t_hi, else 1.
+
+    Outside the interval the step is plain conditional, which costs one pass instead of two. Guiding
+    at the noisiest steps mostly spends diversity (every sample is pushed to the class mean early)."""
+    t_lo, t_hi = interval
+    inside = (t >= t_lo) & (t <= t_hi)  # (B,) bool
+    return torch.where(inside, scale, torch.ones_like(scale))
+
+
 def guided_noise_pred(
     model: DiffusionModel,
     x: torch.Tensor,
@@ -66,6 +90,9 @@ def guided_noise_pred(
     y: torch.Tensor,
     scale: float | torch.Tensor,
     batched: bool = True,
+    negative_labels: torch.Tensor | None = None,
+    rescale: float = 0.0,
+    interval: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Guided epsilon for x (B, C, H, W), t (B,), y (B,) at scale s (float or (B,)).
 
@@ -73,14 +100,31 @@ def guided_noise_pred(
     (`batched`) or two forwards. A sample with s = 0 needs only the unconditional pass and one
     with s = 1 only the conditional pass, so those passes are skipped, per sample.
     Student (a model with a guidance input): one pass, eps(x, t, y, s).
+
+    Variants (all off by default, all per sample):
+      negative_labels (B,)  eps(x, t, y_neg) takes the place of eps_u: eps = eps_neg + s (eps_c - eps_neg),
+                            "a 7, not a 1". The null label there is plain CFG.
+      rescale = phi         `rescale_guidance` of the result towards std(eps_c).
+      interval = (lo, hi)   `interval_scale`: guide only where lo <= t <= hi, plain conditional elsewhere.
+    A student can take the interval (it only changes s) but not the other two: its one pass yields
+    neither eps_c nor a slot for a negative label.
     """
     s = as_scale_tensor(scale, x.shape[0], x.device)  # (B,)
-    if model.is_student:
-        return model(x, t, y, guidance=s)
-    need_cond, need_uncond = s != 0, s != 1  # (B,) bool each
+    if interval is not None:
+        s = interval_scale(s, t, interval)
     null = torch.full_like(y, model.null_class)
+    uncond_labels = null if negative_labels is None else negative_labels.to(y.device)  # (B,)
+    if model.is_student:
+        if not torch.equal(uncond_labels, null) or rescale != 0:
+            raise ValueError(
+                "a guidance-distilled student makes one pass that already is the guided prediction: it has no "
+                "unconditional branch to replace with a negative class and no eps_c to rescale towards; "
+                "use its teacher for negative labels or guidance rescale"
+            )
+        return model(x, t, y, guidance=s)
+    need_cond, need_uncond = (s != 0) | (rescale != 0), s != 1  # (B,) bool each; rescale needs eps_c
     x_in, t_in = torch.cat([x[need_cond], x[need_uncond]]), torch.cat([t[need_cond], t[need_uncond]])
-    y_in = torch.cat([y[need_cond], null[need_uncond]])  # (n_cond + n_uncond,)
+    y_in = torch.cat([y[need_cond], uncond_labels[need_uncond]])  # (n_cond + n_uncond,)
     n_cond = int(need_cond.sum())
     parts = [slice(None)] if batched else [slice(0, n_cond), slice(n_cond, None)]  # one forward or two
     eps = torch.cat(
@@ -90,4 +134,5 @@ def guided_noise_pred(
     # A skipped pass has coefficient 0 in cfg_combine; zeros keep the result exact (eps_u + 0 * ...).
     eps_c = eps.new_zeros(x.shape).index_put_((need_cond,), eps_c_rows)  # (B, C, H, W)
     eps_u = eps.new_zeros(x.shape).index_put_((need_uncond,), eps_u_rows)  # (B, C, H, W)
-    return cfg_combine(eps_u, eps_c, s)
+    guided = cfg_combine(eps_u, eps_c, s)
+    return rescale_guidance(guided, eps_c, rescale) if rescale != 0 else guided

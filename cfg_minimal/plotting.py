@@ -67,14 +67,16 @@ def scale_grid_noise(num_classes: int, n_per_class: int, shape: tuple[int, int, 
 
 
 def sample_scale_grid(pipe, scales: Sequence[float], n_per_class: int = 1, num_steps: int = 50, seed: int = 0,
-                      progress: bool = False) -> torch.Tensor:  # fmt: skip
-    """Sample every (class, scale, column) in one batch -> (R, S, K, C, H, W), same x_T along a row."""
+                      progress: bool = False, **variants) -> torch.Tensor:  # fmt: skip
+    """Sample every (class, scale, column) in one batch -> (R, S, K, C, H, W), same x_T along a row.
+
+    `variants` are the Pipeline's guidance keyword arguments (negative_labels as one id)."""
     R, S, K = pipe.num_classes, len(scales), n_per_class
     x_T = scale_grid_noise(R, K, (pipe.channels, pipe.image_size, pipe.image_size), seed)  # (R, K, C, H, W)
     x_T = x_T[:, None].expand(R, S, *x_T.shape[1:]).reshape(R * S * K, *x_T.shape[2:])  # (R*S*K, C, H, W)
     labels = torch.arange(R).repeat_interleave(S * K)  # (R*S*K,)
     scale = torch.tensor(scales, dtype=torch.float32).repeat_interleave(K).repeat(R)  # (R*S*K,)
-    images = pipe(labels, scale, num_steps=num_steps, x_T=x_T, progress=progress)
+    images = pipe(labels, scale, num_steps=num_steps, x_T=x_T, progress=progress, **variants)
     return images.reshape(R, S, K, *images.shape[1:]).cpu()
 
 

@@ -34,8 +34,11 @@ def sample_loop(
     generator: torch.Generator | None = None,
     batched: bool = True,
     progress: bool = False,
+    **variants,
 ) -> torch.Tensor:
-    """x_T (B, C, H, W) -> x_0 (B, C, H, W): at each timestep, eps = guided_noise_pred, then step."""
+    """x_T (B, C, H, W) -> x_0 (B, C, H, W): at each timestep, eps = guided_noise_pred, then step.
+
+    `variants` (negative_labels, rescale, interval) go to guided_noise_pred unchanged."""
     scheduler.set_timesteps(num_steps)
     # DDIM: re-derive eps from the clipped x_0 (as GLIDE and Imagen do). A guided eps at s > 1 often
     # implies an x_0 far outside [-1, 1]; clipping x_0 but keeping that eps in the direction term
@@ -44,7 +47,7 @@ def sample_loop(
     x = x_T
     for t in tqdm(scheduler.timesteps.tolist(), desc="sampling", disable=not progress, leave=False):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
-        eps = guided_noise_pred(model, x, t_batch, labels, guidance_scale, batched=batched)  # (B, C, H, W)
+        eps = guided_noise_pred(model, x, t_batch, labels, guidance_scale, batched, **variants)  # (B, C, H, W)
         x = scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
     return x
 
@@ -103,9 +106,17 @@ class Pipeline:
         x_T: torch.Tensor | None = None,
         progress: bool = False,
         batched: bool = True,
+        negative_labels: Sequence[int] | int | torch.Tensor | None = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Sample one image per label at scale s (a float or a (B,) tensor) -> (B, C, H, W) in [-1, 1]."""
+        """Sample one image per label at scale s (a float or a (B,) tensor) -> (B, C, H, W) in [-1, 1].
+
+        Guidance variants (see guidance.guided_noise_pred): `negative_labels` (one id for all, or one per
+        label) replace the null label in the unconditional pass; `guidance_rescale` is phi in [0, 1];
+        `guidance_interval` = (t_lo, t_hi) guides only at timesteps t_lo <= t <= t_hi."""
         labels = check_labels(labels, self.num_classes).to(self.device)  # (B,)
+        variants = self._check_variants(len(labels), negative_labels, guidance_rescale, guidance_interval)
         try:
             scale = as_scale_tensor(guidance_scale, len(labels), self.device)  # (B,)
         except ValueError as err:
@@ -129,7 +140,43 @@ class Pipeline:
         elif tuple(x_T.shape) != shape:
             raise UserError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
         return sample_loop(self.model, self.scheduler, x_T.to(self.device), labels, scale, num_steps,
-                           generator, batched, progress)  # fmt: skip
+                           generator, batched, progress, **variants)  # fmt: skip
+
+    def _check_variants(
+        self,
+        batch_size: int,
+        negative_labels: Sequence[int] | int | torch.Tensor | None,
+        rescale: float,
+        interval: tuple[int, int] | None,
+    ) -> dict:
+        """The guidance variants as guided_noise_pred's keyword arguments, or a UserError that says what to fix."""
+        variants: dict = {}
+        if negative_labels is not None:
+            negative = torch.as_tensor(negative_labels)
+            negative = check_labels(negative.expand(batch_size) if negative.ndim == 0 else negative, self.num_classes)
+            if len(negative) != batch_size:
+                raise UserError(f"negative_labels must be one id or one per label ({batch_size}), got {len(negative)}")
+            if self.is_student and (negative != self.null_class).any():
+                raise UserError(
+                    "a guidance-distilled student cannot do negative-class guidance: its one pass has no "
+                    "unconditional prediction to replace. Sample with its teacher instead"
+                )
+            variants["negative_labels"] = negative.to(self.device)
+        if not (isinstance(rescale, (int, float)) and 0.0 <= rescale <= 1.0):
+            raise UserError(f"guidance_rescale must be a number in [0, 1] (0 is plain CFG), got {rescale!r}")
+        if rescale:
+            if self.is_student:
+                raise UserError(
+                    "guidance rescale needs the conditional prediction eps_c, which a guidance-distilled "
+                    "student does not compute; sample with its teacher instead"
+                )
+            variants["rescale"] = float(rescale)
+        if interval is not None:
+            ok = len(interval) == 2 and all(isinstance(v, int) for v in interval) and 0 <= interval[0] <= interval[1]
+            if not ok:
+                raise UserError(f"guidance_interval must be timesteps (t_lo, t_hi), 0 <= t_lo <= t_hi: {interval!r}")
+            variants["interval"] = tuple(interval)
+        return variants
 
 
 def load_pipeline(

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 from PIL import Image
 
@@ -52,6 +53,23 @@ def test_sample_reads_either_checkpoint(run_dir, ckpt, tmp_path):
     assert Image.open(out).size[0] > 100
 
 
+def test_sample_flags_reach_the_sampler(run_dir, tmp_path, monkeypatch):
+    """In-process, catching the grid before it is drawn (the figure titles differ anyway)."""
+    sys.path.insert(0, str(REPO))
+    import sample
+
+    grids = {}
+    monkeypatch.setattr(sample, "save_scale_grid", lambda grid, *args, **kwargs: grids.setdefault(len(grids), grid))
+    common = [str(run_dir / "teacher.pt"), "--scales", "3", "--n-per-class", "1", "--steps", "3", "--device", "cpu"]
+    variants = [[], ["--negative-label", "10"], ["--negative-label", "1"], ["--guidance-rescale", "0.7"],
+                ["--guidance-interval", "0", "400"]]  # fmt: skip
+    for flags in variants:
+        assert sample.main([*common, *flags, "--out", str(tmp_path / "grid.png")]) == 0
+    plain, null_negative, *changed = grids.values()
+    assert torch.equal(null_negative, plain)  # the null label as the negative class is plain CFG
+    assert all(not torch.allclose(grid, plain, atol=1e-3) for grid in changed)
+
+
 def test_evaluate_sweep_writes_every_scale_and_model(run_dir, tmp_path):
     result = run("cfg_minimal.evaluate", "--ckpt", str(run_dir / "teacher.pt"), "--ckpt", str(run_dir / "student.pt"),
                  "--scales", "0", "2", "4", "--n", "20", "--steps", "3", "--out", str(tmp_path),
@@ -80,6 +98,8 @@ def test_evaluate_sweep_writes_every_scale_and_model(run_dir, tmp_path):
         ("sample.py", ["{run}/teacher.pt", "--steps", "0"], "--steps must be a positive integer"),
         ("sample.py", ["{run}/teacher.pt", "--steps", "5000"], "at most 1000"),
         ("sample.py", ["{run}/samples_teacher.png"], "not a readable checkpoint"),
+        ("sample.py", ["{run}/student.pt", "--negative-label", "1"], "cannot do negative-class guidance"),
+        ("sample.py", ["{run}/teacher.pt", "--guidance-rescale", "2"], "guidance_rescale must be a number in [0, 1]"),
         ("train_mnist.py", ["--stage", "distill", "--teacher", "{run}/student.pt", "--out", "{tmp}"],
          "is a student checkpoint, but a teacher is needed"),
         ("train_mnist.py", ["--resume", "--out", "{run}", "--arch", "dit-tiny"], "was trained with --arch unet-tiny"),
