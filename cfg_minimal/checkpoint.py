@@ -81,5 +81,12 @@ def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "ema") -> Diffusi
     """Rebuild the model from its stored config and load `weights` ('ema' for sampling, or 'model')."""
     config = dict(ckpt["model_config"])
     model = build_model(config.pop("arch"), **config)
-    model.load_state_dict(ckpt[weights])
+    try:
+        model.load_state_dict(ckpt[weights])
+    except RuntimeError as err:  # weights from another version of this code
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise UserError(
+            f"the checkpoint's weights do not fit the model its config describes ({first}); "
+            "it was written by another version of cfg_minimal: retrain, or use that version"
+        ) from None
     return model.eval()

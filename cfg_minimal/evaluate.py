@@ -38,15 +38,27 @@ CACHE_DIR = Path(os.environ.get("CFG_MINIMAL_CACHE", Path.home() / ".cache" / "c
 
 
 def generate(
-    pipe: Pipeline, n: int, scale: float, num_steps: int, seed: int = 0, batch_size: int = 500, progress: bool = False
+    pipe: Pipeline,
+    n: int,
+    scale: float,
+    num_steps: int,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = False,
+    **variants,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """n samples with labels 0, 1, ..., K-1, 0, 1, ... from the noise of `seed` -> (images, labels, seconds)."""
+    """n samples with labels 0, 1, ..., K-1, 0, 1, ... from the noise of `seed` -> (images, labels, seconds).
+
+    `variants`: the Pipeline's guidance keyword arguments; a (n,) `negative_labels` is split with the batches."""
     labels = torch.arange(n) % pipe.num_classes  # (n,)
     x_T = torch.randn(n, pipe.channels, pipe.image_size, pipe.image_size, generator=torch.Generator().manual_seed(seed))
     start, chunks = time.perf_counter(), []
+    negative = variants.pop("negative_labels", None)
     for i in range(0, n, batch_size):
-        chunks.append(pipe(labels[i : i + batch_size], scale, num_steps, x_T=x_T[i : i + batch_size],
-                           progress=progress).cpu())  # fmt: skip
+        part = slice(i, i + batch_size)
+        chunk_negative = negative[part] if isinstance(negative, torch.Tensor) and negative.ndim == 1 else negative
+        chunks.append(pipe(labels[part], scale, num_steps, x_T=x_T[part], progress=progress,
+                           negative_labels=chunk_negative, **variants).cpu())  # fmt: skip
     return torch.cat(chunks), labels, time.perf_counter() - start
 
 

@@ -104,3 +104,9 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(UserError, match="is a teacher checkpoint, but a student is needed"):
         load_checkpoint(tmp_path / "good.pt", kind="student")
+    mismatched = {
+        **load_checkpoint(tmp_path / "good.pt"),
+        "model_config": {"arch": "unet-tiny", **model.config, "guidance_embed": True},
+    }
+    with pytest.raises(UserError, match="do not fit the model"):
+        model_from_checkpoint(mismatched)
