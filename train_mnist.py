@@ -3,6 +3,10 @@
 python train_mnist.py --dataset digits --out runs/digits            # teacher, student, figures
 python train_mnist.py --stage distill --teacher runs/digits/teacher.pt --out runs/digits
 python train_mnist.py --dataset mnist --data-dir ../shared/data --out runs/mnist
+torchrun --nproc_per_node=4 train_mnist.py --dataset cifar10 --out runs/cifar10   # 4 GPUs, DDP
+
+Under torchrun every process trains on its own shard of each batch (--batch-size is per process,
+so the effective batch is batch size x processes) and only rank 0 writes checkpoints, figures and logs.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cfg_minimal import ARCHITECTURES, DATASETS, TrainConfig, UserError, load_pipeline, train_teacher
+from cfg_minimal import ARCHITECTURES, DATASETS, TrainConfig, UserError, distributed, load_pipeline, train_teacher
 from cfg_minimal.distill import DistillConfig, distill_student
 from cfg_minimal.evaluate import sweep, write_sweep
 from cfg_minimal.plotting import sample_scale_grid, save_loss_curve, save_scale_grid
@@ -27,15 +31,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=list(DATASETS), help="digits needs no network")
     p.add_argument("--data-dir", default="./data", help="where torchvision datasets are (or get downloaded)")
-    p.add_argument("--arch", default="unet", choices=list(ARCHITECTURES))
+    p.add_argument("--arch", choices=list(ARCHITECTURES), help="default: unet, and unet-cifar for cifar10")
     p.add_argument("--out", default="runs/digits", help="output folder for checkpoints and figures")
     p.add_argument("--stage", default="all", choices=["teacher", "distill", "all"])
     p.add_argument("--teacher", help="teacher checkpoint for --stage distill (default: OUT/teacher.pt)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from OUT's checkpoints")
     p.add_argument("--teacher-steps", type=int, help="training steps (default: per dataset, see RECIPES)")
     p.add_argument("--distill-steps", type=int, help="distillation steps (default: per dataset)")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--distill-batch-size", type=int, default=DistillConfig.batch_size)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="per process under torchrun")
+    p.add_argument("--distill-batch-size", type=int, default=DistillConfig.batch_size, help="per process")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="teacher learning rate")
     p.add_argument("--distill-lr", type=float, default=DistillConfig.lr)
     p.add_argument("--p-uncond", type=float, default=TrainConfig.p_uncond, help="label dropout probability")
@@ -113,8 +117,11 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Teacher, then student; under torchrun all ranks train and rank 0 alone draws and writes figures."""
     out = Path(args.out)
-    check_writable(out)
+    rank0 = distributed.is_main()
+    if rank0:
+        check_writable(out)
     curves = {}
     teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
     grid_t = None
@@ -125,26 +132,32 @@ def run(args: argparse.Namespace) -> None:
                           checkpoint_every=args.checkpoint_every)  # fmt: skip
         curves["teacher"] = train_teacher(cfg, out, resume=args.resume, progress=not args.no_progress).losses
         teacher_path = out / "teacher.pt"
-        grid_t = teacher_figures(out, args)
+        grid_t = teacher_figures(out, args) if rank0 else None
+        distributed.barrier()  # the others wait for rank 0's figures before distilling together
     if args.stage in ("distill", "all"):
         cfg = DistillConfig(steps=args.distill_steps, batch_size=args.distill_batch_size, lr=args.distill_lr,
                             s_min=args.s_min, s_max=args.s_max, seed=args.seed, device=args.device,
                             checkpoint_every=args.checkpoint_every, data_dir=args.data_dir)  # fmt: skip
         curves["student"] = distill_student(teacher_path, cfg, out, resume=args.resume,
                                             progress=not args.no_progress).losses  # fmt: skip
-        student_figures(teacher_path, out, args, grid_t)
-    save_loss_curve(curves, out / "loss.png")
+        if rank0:
+            student_figures(teacher_path, out, args, grid_t)
+    if rank0:
+        save_loss_curve(curves, out / "loss.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        distributed.init(args.device)  # joins torchrun's processes; nothing for a single process
         run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        distributed.cleanup()
     return 0
 
 

@@ -1,5 +1,6 @@
 """cfg_minimal: classifier-free guidance and guidance distillation for small diffusion models."""
 
+from . import distributed
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .data import DATASETS, load_dataset
 from .errors import UserError
@@ -11,6 +12,6 @@ from .train import TrainConfig, train_teacher
 
 __all__ = [
     "ARCHITECTURES", "DATASETS", "DDIMScheduler", "DDPMScheduler", "DiffusionModel", "Pipeline", "TrainConfig",
-    "UserError", "build_model", "cfg_combine", "guided_noise_pred", "load_checkpoint", "load_dataset",
+    "UserError", "build_model", "cfg_combine", "distributed", "guided_noise_pred", "load_checkpoint", "load_dataset",
     "load_pipeline", "model_from_checkpoint", "s_to_w", "sample_loop", "save_checkpoint", "train_teacher", "w_to_s",
 ]  # fmt: skip

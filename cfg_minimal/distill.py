@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from . import distributed
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import load_dataset
 from .errors import UserError
@@ -31,7 +33,7 @@ from .train import RECIPES, FitResult, fit, pick_device
 @dataclass
 class DistillConfig:
     steps: int | None = None  # None: RECIPES[dataset]["distill_steps"]
-    batch_size: int = 64
+    batch_size: int = 64  # per process: under torchrun the effective batch is batch_size x processes
     lr: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
@@ -69,10 +71,12 @@ def sample_scales(n: int, cfg: DistillConfig, device: torch.device | str = "cpu"
 
 def distillation_loss(
     teacher: DiffusionModel, scheduler: DDPMScheduler, cfg: DistillConfig
-) -> Callable[[DiffusionModel, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """MSE between the student's one-pass prediction and the teacher's CFG prediction, at random (t, s)."""
+) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """MSE between the student's one-pass prediction and the teacher's CFG prediction, at random (t, s).
 
-    def loss_fn(student: DiffusionModel, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    `student` may be wrapped in DDP; the teacher is not (it only runs forward, the same on every rank)."""
+
+    def loss_fn(student: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)  # (B,)
         x_t = scheduler.add_noise(x0, torch.randn_like(x0), t)  # (B, C, H, W)
         s = sample_scales(x0.shape[0], cfg, x0.device)  # (B,)
@@ -103,7 +107,8 @@ def distill_student(
     torch.manual_seed(cfg.seed)
     teacher = model_from_checkpoint(teacher_ckpt, "ema").to(device).requires_grad_(False)
     student = make_student(teacher)
-    data = load_dataset(dataset, cfg.data_dir, train=True)
+    with distributed.main_first():
+        data = load_dataset(dataset, cfg.data_dir, train=True)
     metadata: dict[str, Any] = {
         key: teacher_ckpt[key]
         for key in ("scheduler_config", "dataset", "image_size", "channels", "num_classes", "class_names")
@@ -116,5 +121,5 @@ def distill_student(
         student, distillation_loss(teacher, scheduler, cfg), data, path, metadata, steps=steps,
         batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
         grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, device=device, checkpoint_every=cfg.checkpoint_every,
-        resume_from=resume_from, progress=progress,
+        resume_from=resume_from, progress=progress, seed=cfg.seed,
     )  # fmt: skip

@@ -6,7 +6,8 @@ where y_dropped is the null label with probability p_uncond (done inside the Lab
 
 `fit` is the loop that teacher training and distillation share: it checkpoints atomically every
 `checkpoint_every` steps and on Ctrl-C / SIGTERM, and resumes with the optimizer, EMA and RNG state,
-so an interrupted run continues exactly where it stopped.
+so an interrupted run continues exactly where it stopped. Under torchrun it runs in every process
+with DistributedDataParallel (see `fit` and distributed.py); a single process runs as it always did.
 """
 
 from __future__ import annotations
@@ -16,26 +17,29 @@ import math
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import ImageData, load_dataset
+from .data import ImageData, dataset_info, load_dataset
 from .errors import UserError
 from .models import DiffusionModel, build_model
 from .schedulers import DDPMScheduler
 
-# Defaults per dataset: digits trains in ~2 CPU minutes, MNIST in minutes on one GPU.
-RECIPES: dict[str, dict[str, int]] = {
-    "digits": dict(teacher_steps=700, distill_steps=1300),
-    "mnist": dict(teacher_steps=10000, distill_steps=5000),
-    "fashion-mnist": dict(teacher_steps=10000, distill_steps=5000),
-    "cifar10": dict(teacher_steps=40000, distill_steps=20000),
+# Defaults per dataset: digits trains in ~2 CPU minutes, MNIST in minutes on one GPU; CIFAR-10 (3x32x32)
+# gets a wider UNet (unet-cifar, 5.1M parameters) and ~100 epochs of teacher training at batch 128.
+RECIPES: dict[str, dict[str, str | int]] = {
+    "digits": dict(arch="unet", teacher_steps=700, distill_steps=1300),
+    "mnist": dict(arch="unet", teacher_steps=10000, distill_steps=5000),
+    "fashion-mnist": dict(arch="unet", teacher_steps=10000, distill_steps=5000),
+    "cifar10": dict(arch="unet-cifar", teacher_steps=40000, distill_steps=20000),
 }
 
 
@@ -43,9 +47,9 @@ RECIPES: dict[str, dict[str, int]] = {
 class TrainConfig:
     dataset: str = "digits"
     data_dir: str = "./data"
-    arch: str = "unet"
+    arch: str | None = None  # None: RECIPES[dataset]["arch"]
     steps: int | None = None  # None: RECIPES[dataset]["teacher_steps"]
-    batch_size: int = 128
+    batch_size: int = 128  # per process: under torchrun the effective batch is batch_size x processes
     lr: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
@@ -60,11 +64,14 @@ class TrainConfig:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA, then MPS, then CPU; anything else is passed to torch.device."""
+    """'auto' -> CUDA, then MPS, then CPU; anything else is passed to torch.device.
+
+    Under torchrun, 'auto' and 'cuda' mean this process's own GPU, cuda:LOCAL_RANK, and 'auto' skips MPS."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("cuda", distributed.local_rank() if distributed.is_distributed() else None)
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        if mps and not distributed.is_distributed():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -73,6 +80,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is None and distributed.is_distributed():
+        device = torch.device("cuda", distributed.local_rank())
     return device
 
 
@@ -125,12 +134,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 @dataclass
 class FitResult:
     ema: DiffusionModel  # the EMA weights, in eval mode: what sampling uses
-    losses: list[float]  # mean loss per `log_every` steps
+    losses: list[float]  # mean loss per `log_every` steps (over all processes under torchrun)
+    model: DiffusionModel  # the last trained weights (not averaged), unwrapped from DDP
 
 
 def fit(
     model: DiffusionModel,
-    loss_fn: Callable[[DiffusionModel, torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     data: ImageData,
     path: Path,
     metadata: dict[str, Any],
@@ -147,15 +157,32 @@ def fit(
     resume_from: dict[str, Any] | None = None,
     progress: bool = True,
     log_every: int = 10,
+    seed: int = 0,
 ) -> FitResult:
     """Minimise loss_fn(model, x_0 (B,C,H,W), y (B,)) over random batches of `data` for `steps` steps.
 
     Writes `path` (metadata + model, EMA, optimizer, RNG and loss history) every `checkpoint_every`
     steps, at the end, and when interrupted; `resume_from` is such a checkpoint, loaded.
+
+    Under torchrun (distributed.world_size() = W > 1) every process runs this loop on its own
+    shard of each global batch: all ranks draw the same W * batch_size indices (with replacement,
+    like the single-process loop) from a generator seeded with `seed`, and rank r keeps positions
+    [r * batch_size, (r + 1) * batch_size). Noise, timesteps and label dropout come from the global
+    RNG, seeded `seed + 1 + r` so that they differ between ranks. DDP averages the gradients, so
+    the weights and the EMA stay identical everywhere; the logged loss is the mean over ranks; rank 0
+    writes the checkpoint, which keeps every rank's RNG state for an exact resume on W processes.
+    With one process none of this happens: the loop draws from the global RNG, as it always did.
     """
+    world, rank = distributed.world_size(), distributed.rank()
     model.to(device).train()
+    net = distributed.wrap(model, device)  # what the loss calls: DDP (gradients averaged over ranks) or the model
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sampler = torch.Generator().manual_seed(seed)  # the global batch, the same on every rank (world > 1 only)
+    if world > 1:
+        torch.manual_seed(seed + 1 + rank)
+        if rank == 0:
+            print(f"{world} processes x batch {batch_size} = effective batch {world * batch_size}")
     start, losses, window = 0, [], []  # window: losses since the last logged mean
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
@@ -163,27 +190,49 @@ def fit(
         optimizer.load_state_dict(resume_from["optimizer"])
         start, losses = resume_from["step"], list(resume_from["losses"])
         window = list(resume_from["loss_window"])
-        set_rng_state(resume_from["rng"])
+        written_by = resume_from.get("world_size", 1)
+        if written_by == world:  # exact: every rank continues its own random streams
+            set_rng_state(resume_from["rng"] if world == 1 else resume_from["rng_per_rank"][rank])
+            if world > 1:
+                sampler.set_state(resume_from["sampler_rng"])
+        else:  # fresh streams, different from the run's start; the run continues, not bit for bit
+            torch.manual_seed(seed + 1 + rank + start)
+            sampler.manual_seed(seed + start)
+            if rank == 0:
+                print(f"{path} was written by {written_by} process(es), resuming on {world}: "
+                      "the run continues, but not bit for bit as an uninterrupted one would")  # fmt: skip
     images, labels = data.images.to(device), data.labels.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def save(step: int) -> None:
-        save_checkpoint(path, {**metadata, "step": step, "total_steps": steps, "model": model.state_dict(),
-                               "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                               "losses": losses, "loss_window": window})  # fmt: skip
+        """Every rank calls this (gathering RNG states is collective); rank 0 writes, the others wait."""
+        extra = {"world_size": world, "effective_batch_size": world * batch_size}
+        if world > 1:
+            extra.update(rng_per_rank=distributed.all_gather(rng_state()), sampler_rng=sampler.get_state())
+        if rank == 0:
+            save_checkpoint(path, {**metadata, "step": step, "total_steps": steps, "model": model.state_dict(),
+                                   "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                                   "losses": losses, "loss_window": window, **extra})  # fmt: skip
+        distributed.barrier()  # when save returns on any rank, the file is on disk
 
     step = start
-    bar = tqdm(total=steps, initial=start, desc=f"training {path.stem}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc=f"training {path.stem}", disable=not (progress and rank == 0),
+               dynamic_ncols=True)  # fmt: skip
     with stop_requests() as stop_requested:
         while step < steps:
-            idx = torch.randint(0, len(labels), (batch_size,), device=device)
+            if world == 1:
+                idx = torch.randint(0, len(labels), (batch_size,), device=device)  # (B,)
+            else:
+                idx = torch.randint(0, len(labels), (world * batch_size,), generator=sampler)  # (W*B,) global batch
+                idx = idx[rank * batch_size : (rank + 1) * batch_size].to(device)  # (B,) this rank's shard
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, lr, warmup_steps, steps)
             with autocast:
-                loss = loss_fn(model, images[idx], labels[idx])
-            if not torch.isfinite(loss):
+                loss = loss_fn(net, images[idx], labels[idx])
+            value, stopping = distributed.mean_and_any(loss.detach(), stop_requested())  # the same on every rank
+            if not math.isfinite(value):
                 raise UserError(
-                    f"the loss became {loss.item()} at step {step}; stopped, keeping the last good checkpoint "
+                    f"the loss became {value} at step {step}; stopped, keeping the last good checkpoint "
                     f"{str(path)!r}. Lower --lr, or resume from that checkpoint with --resume"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -192,26 +241,27 @@ def fit(
             optimizer.step()
             ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))  # EMA warm-up
             step += 1
-            window.append(loss.item())
+            window.append(value)
             if len(window) == log_every:
                 losses.append(sum(window) / len(window))
                 window = []
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update(1)
-            if step % checkpoint_every == 0 or step == steps or stop_requested():
+            if step % checkpoint_every == 0 or step == steps or stopping:
                 save(step)
-            if stop_requested() and step < steps:
+            if stopping and step < steps:
                 bar.close()
-                print(f"\ninterrupted at step {step}/{steps}; saved {path}. Run the same command with --resume.")
+                if rank == 0:
+                    print(f"\ninterrupted at step {step}/{steps}; saved {path}. Run the same command with --resume.")
                 raise KeyboardInterrupt
     bar.close()
-    return FitResult(ema=ema, losses=losses)
+    return FitResult(ema=ema, losses=losses, model=model)
 
 
-def diffusion_loss(scheduler: DDPMScheduler) -> Callable[[DiffusionModel, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The eps-prediction loss at uniformly drawn t in [0, T)."""
+def diffusion_loss(scheduler: DDPMScheduler) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The eps-prediction loss at uniformly drawn t in [0, T); `model` may be wrapped in DDP."""
 
-    def loss_fn(model: DiffusionModel, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss_fn(model: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)  # (B,)
         noise = torch.randn_like(x0)  # (B, C, H, W)
         x_t = scheduler.add_noise(x0, noise, t)
@@ -225,7 +275,11 @@ def schedule_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def train_teacher(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> FitResult:
-    """Train a CFG teacher on cfg.dataset; writes OUT_DIR/teacher.pt and returns its EMA model."""
+    """Train a CFG teacher on cfg.dataset; writes OUT_DIR/teacher.pt and returns its EMA model.
+
+    Under torchrun, call distributed.init() first; every process then runs this (see `fit`)."""
+    dataset_info(cfg.dataset)  # an unknown name fails here, before RECIPES is looked up
+    cfg = replace(cfg, arch=cfg.arch or RECIPES[cfg.dataset]["arch"])
     path = Path(out_dir) / "teacher.pt"
     resume_from = None
     if resume and path.exists():
@@ -239,8 +293,9 @@ def train_teacher(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, p
     steps = cfg.steps if cfg.steps is not None else RECIPES[cfg.dataset]["teacher_steps"]
     if steps < 1:
         raise UserError(f"--teacher-steps must be at least 1, got {steps}")
-    torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.data_dir, train=True)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    with distributed.main_first():  # rank 0 downloads, the others then read its copy
+        data = load_dataset(cfg.dataset, cfg.data_dir, train=True)
     info = data.info
     model = build_model(cfg.arch, in_channels=info.channels, image_size=info.image_size,
                         num_classes=info.num_classes, p_uncond=cfg.p_uncond)  # fmt: skip
@@ -254,5 +309,5 @@ def train_teacher(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, p
         model, diffusion_loss(scheduler), data, path, metadata, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
         ema_decay=cfg.ema_decay, device=pick_device(cfg.device), checkpoint_every=cfg.checkpoint_every,
-        resume_from=resume_from, progress=progress,
+        resume_from=resume_from, progress=progress, seed=cfg.seed,
     )  # fmt: skip

@@ -1,0 +1,119 @@
+"""Several processes, one model: torchrun, DistributedDataParallel, and which process does what.
+
+`torchrun --nproc_per_node=N train_mnist.py ...` starts N copies of the script and tells each its
+place through environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+`init()` joins them into one process group: NCCL when the processes train on CUDA GPUs (process
+LOCAL_RANK on GPU LOCAL_RANK), gloo on the CPU. Without torchrun (WORLD_SIZE unset or 1) nothing
+here does anything: world_size() is 1, rank() is 0, `wrap` returns the model itself.
+
+Who does what: every process trains on its own shard of each batch and DistributedDataParallel
+averages the gradients, so all processes hold the same weights after every step; only rank 0
+(`is_main()`) writes checkpoints, figures and logs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment asks for more than one process (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str = "auto") -> None:
+    """Join torchrun's process group (a no-op for a single process, or when already joined).
+
+    `device` is the --device flag: 'auto' or 'cuda...' with a GPU visible means NCCL and GPU
+    LOCAL_RANK; 'cpu' (or no GPU) means gloo. MPS has no collective backend, so it is refused."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return
+    if device.startswith("mps"):
+        raise UserError("torchrun runs on CUDA GPUs (NCCL) or on the CPU (gloo); use --device auto, cuda or cpu")
+    cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def local_rank() -> int:
+    """This process's index on its machine: the GPU it uses."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes files and prints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every process has arrived here (nothing to wait for in a single process)."""
+    if is_distributed():
+        dist.barrier(device_ids=[local_rank()] if dist.get_backend() == "nccl" else None)
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (say, a download into a shared folder), then the others do."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `model` when there are several processes, else `model` itself.
+
+    DDP copies rank 0's weights to every process at construction and averages gradients during
+    backward, so the optimizer steps, and hence the weights, stay identical on every rank."""
+    if not is_distributed():
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object, e.g. RNG states)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_and_any(value: torch.Tensor, flag: bool) -> tuple[float, bool]:
+    """(mean of a scalar over ranks, whether any rank raised `flag`), in one all-reduce.
+
+    The training loop uses it so that every rank logs the same loss, sees a NaN on any rank, and
+    stops at the same step when any rank is interrupted."""
+    if not is_distributed():
+        return value.item(), flag
+    both = torch.stack([value.detach().float().reshape(()), torch.tensor(float(flag), device=value.device)])
+    dist.all_reduce(both)  # sum over ranks
+    return both[0].item() / world_size(), both[1].item() > 0
