@@ -17,13 +17,24 @@ from pathlib import Path
 
 import torch
 
-from cfg_minimal import ARCHITECTURES, DATASETS, TrainConfig, UserError, distributed, load_pipeline, train_teacher
+from cfg_minimal import (
+    ARCHITECTURES,
+    DATASETS,
+    TrainConfig,
+    UserError,
+    distributed,
+    load_checkpoint,
+    load_pipeline,
+    train_teacher,
+)
 from cfg_minimal.distill import DistillConfig, distill_student
 from cfg_minimal.evaluate import sweep, write_sweep
 from cfg_minimal.plotting import sample_scale_grid, save_loss_curve, save_scale_grid
 from cfg_minimal.schedulers import BETA_SCHEDULES
+from cfg_minimal.step_distill import StepDistillConfig, distill_steps
 
 GRID_SCALES = (0.0, 1.0, 3.0, 5.0)
+TEACHER_STEPS = 64  # the reference the step students are measured against
 REPORT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
 
 
@@ -33,8 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="./data", help="where torchvision datasets are (or get downloaded)")
     p.add_argument("--arch", choices=list(ARCHITECTURES), help="default: unet, and unet-cifar for cifar10")
     p.add_argument("--out", default="runs/digits", help="output folder for checkpoints and figures")
-    p.add_argument("--stage", default="all", choices=["teacher", "distill", "all"])
+    p.add_argument("--stage", default="all", choices=["teacher", "distill", "steps", "all"],
+                   help="all = teacher, then distill; steps = halve a student's sampling steps")  # fmt: skip
     p.add_argument("--teacher", help="teacher checkpoint for --stage distill (default: OUT/teacher.pt)")
+    p.add_argument("--student", help="guided student for --stage steps (default: OUT/student.pt)")
+    p.add_argument("--target-steps", type=int, default=StepDistillConfig.target_steps, help="steps at the end")
+    p.add_argument("--start-steps", type=int, help="steps the first round halves (default: the student's, else 64)")
+    p.add_argument("--round-steps", type=int, default=StepDistillConfig.round_steps, help="training steps per round")
+    p.add_argument("--steps-lr", type=float, default=StepDistillConfig.lr, help="step distillation learning rate")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from OUT's checkpoints")
     p.add_argument("--teacher-steps", type=int, help="training steps (default: per dataset, see RECIPES)")
     p.add_argument("--distill-steps", type=int, help="distillation steps (default: per dataset)")
@@ -61,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sample_steps",
         "checkpoint_every",
         "eval_n",
+        "target_steps",
+        "start_steps",
+        "round_steps",
     ):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -110,6 +130,30 @@ def student_figures(teacher_path: Path, out: Path, args: argparse.Namespace, gri
         print(f"  {row['scale']:<5g} {row['rel_l2']:>10.3f}{'':12}{row['acc_teacher']:.3f} / {row['acc_student']:.3f}")
 
 
+def steps_figures(teacher_path: Path, paths: list[Path], out: Path, args: argparse.Namespace) -> None:
+    """The step students against the teacher at TEACHER_STEPS steps: grids, a sweep and the speed-up."""
+    device = _device(args)
+    pipes = {f"student {load_pipeline(p).default_steps} steps": load_pipeline(p, device=device) for p in paths}
+    for name, pipe in pipes.items():
+        grid = sample_scale_grid(pipe, GRID_SCALES, seed=args.seed, num_steps=pipe.default_steps)
+        path = out / f"samples_{name.replace(' ', '_')}.png"
+        save_scale_grid(grid, GRID_SCALES, pipe.class_names, path, title=f"{name} on {pipe.dataset}, one pass each")
+    if teacher_path.exists():
+        teacher = load_pipeline(teacher_path, device=device)
+        teacher.default_steps = TEACHER_STEPS
+        pipes = {f"teacher {TEACHER_STEPS} steps": teacher, **pipes}
+    metrics, images = sweep(pipes, REPORT_SCALES, n=args.eval_n, num_steps=None, seed=args.seed,
+                            data_dir=args.data_dir, progress=not args.no_progress)  # fmt: skip
+    (out / "steps").mkdir(exist_ok=True)
+    write_sweep(metrics, images, next(iter(pipes.values())), out / "steps")
+    reference = next(iter(metrics["models"].values()))["per_scale"]
+    print(f"  {'model':<20} {'s':>4} {'accuracy':>8} {'FD':>7} {'speed-up':>8}")
+    for name, model in metrics["models"].items():
+        for row, ref in zip(model["per_scale"], reference):
+            speedup = ref["seconds_per_image"] / row["seconds_per_image"]
+            print(f"  {name:<20} {row['scale']:>4g} {row['accuracy']:>8.3f} {row['fd']:>7.2f} {speedup:>7.1f}x")
+
+
 def _device(args: argparse.Namespace) -> str:
     from cfg_minimal.train import pick_device
 
@@ -142,8 +186,18 @@ def run(args: argparse.Namespace) -> None:
                                             progress=not args.no_progress).losses  # fmt: skip
         if rank0:
             student_figures(teacher_path, out, args, grid_t)
+    if args.stage == "steps":
+        cfg = StepDistillConfig(start_steps=args.start_steps, target_steps=args.target_steps,
+                                round_steps=args.round_steps, batch_size=args.distill_batch_size, lr=args.steps_lr,
+                                seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every,
+                                data_dir=args.data_dir)  # fmt: skip
+        paths = distill_steps(Path(args.student) if args.student else out / "student.pt", cfg, out,
+                              resume=args.resume, progress=not args.no_progress)  # fmt: skip
+        curves = {f"{p.stem}": load_checkpoint(p)["losses"] for p in paths}
+        if rank0:
+            steps_figures(teacher_path, paths, out, args)
     if rank0:
-        save_loss_curve(curves, out / "loss.png")
+        save_loss_curve(curves, out / ("loss_steps.png" if args.stage == "steps" else "loss.png"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ import torch
 from .classifier import Classifier, load_or_train_classifier
 from .data import load_dataset
 from .errors import UserError
-from .metrics import accuracy, class_diversity, classifier_stats, frechet_distance
+from .metrics import ClassifierStats, accuracy, class_diversity, classifier_stats, frechet_distance
 from .plotting import plot_guidance_sweep, save_scale_grid
 from .sampling import Pipeline, load_pipeline
 
@@ -70,13 +70,15 @@ def sweep(
     pipes: dict[str, Pipeline],
     scales: Sequence[float],
     n: int,
-    num_steps: int = 50,
+    num_steps: int | None = 50,
     seed: int = 0,
     data_dir: str | Path = "./data",
     classifier: tuple[Classifier, float] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, dict[float, torch.Tensor]]]:
-    """Measure every pipeline at every scale -> (metrics dict for JSON, images[name][scale])."""
+    """Measure every pipeline at every scale -> (metrics dict for JSON, images[name][scale]).
+
+    num_steps=None samples each pipeline with its own default (a step-distilled student's step count)."""
     first = next(iter(pipes.values()))
     if len({(p.dataset, p.image_size, p.channels) for p in pipes.values()}) > 1:
         raise UserError("the checkpoints of one sweep must come from the same dataset")
@@ -94,14 +96,12 @@ def sweep(
     images: dict[str, dict[float, torch.Tensor]] = {}
     for name, pipe in pipes.items():
         rows, images[name] = [], {}
+        steps = num_steps or pipe.default_steps
         for s in scales:
-            x, labels, seconds = generate(pipe, n, s, num_steps, seed)
-            stats = classifier_stats(classifier_model, x.to(device))
+            x, labels, seconds = generate(pipe, n, s, steps, seed)
             rows.append(dict(
-                scale=s, accuracy=accuracy(stats.preds, labels.to(device)),
-                fd=frechet_distance(stats.features, real_stats.features),
-                diversity=class_diversity(stats.features, labels.to(device), pipe.num_classes) / real_diversity,
-                evals_per_image=evals_per_image(pipe, s, num_steps), seconds_per_image=seconds / n,
+                scale=s, steps=steps, **score(classifier_model, real_stats, real_diversity, x, labels),
+                evals_per_image=evals_per_image(pipe, s, steps), seconds_per_image=seconds / n,
             ))  # fmt: skip
             images[name][s] = x
             if progress:
@@ -116,6 +116,23 @@ def sweep(
                                 metrics["models"]["student"]["per_scale"])
         ]  # fmt: skip
     return metrics, images
+
+
+def score(
+    classifier: Classifier,
+    real_stats: ClassifierStats,
+    real_diversity: float,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, float]:
+    """Accuracy, FD to the real test features, and within-class diversity relative to the real set's."""
+    device = next(classifier.parameters()).device
+    stats = classifier_stats(classifier, images.to(device))
+    num_classes = stats.logits.shape[1]
+    return dict(
+        accuracy=accuracy(stats.preds, labels), fd=frechet_distance(stats.features, real_stats.features),
+        diversity=class_diversity(stats.features, labels, num_classes) / real_diversity,
+    )  # fmt: skip
 
 
 def relative_l2(images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -150,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint (repeat for several)")
     p.add_argument("--scales", type=float, nargs="+", default=[0, 0.5, 1, 2, 3, 4, 6])
     p.add_argument("--n", type=int, default=1000, help="samples per scale and checkpoint")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: each checkpoint's own, else 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint)")
     args = p.parse_args(argv)
-    if args.n < 2 or args.steps < 1:
+    if args.n < 2 or (args.steps is not None and args.steps < 1):
         p.error("--n must be at least 2 and --steps at least 1")
     try:
         from .train import pick_device

@@ -103,7 +103,8 @@ def plot_guidance_sweep(metrics: dict, path: str | Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{metrics['dataset']}: {metrics['n']} samples per point, {metrics['num_steps']} DDIM steps")
+    steps = f"{metrics['num_steps']} DDIM steps" if metrics["num_steps"] else "each model's own DDIM steps"
+    fig.suptitle(f"{metrics['dataset']}: {metrics['n']} samples per point, {steps}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

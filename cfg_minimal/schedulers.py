@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("leading", "trailing")
+TIMESTEP_SPACINGS = ("leading", "trailing", "aligned")
 
 
 def make_betas(
@@ -80,12 +80,17 @@ class _Scheduler:
 
         'leading':  t_k = k * (T // n) + steps_offset, k = n-1 ... 0   (DDIM paper; ends at t = 0)
         'trailing': t_k = round(T - k * T / n) - 1,    k = 0 ... n-1   (Lin et al. 2024; starts at T-1)
+        'aligned':  t_k = (k * T) // n,                k = n-1 ... 0   (this project's; 'leading' when n
+                    divides T, and for any n the grid of n/2 steps is every other point of the grid of n,
+                    so one step of a halved sampler spans exactly two: what step distillation needs)
         """
         n, T = num_inference_steps, self.num_train_timesteps
         if not isinstance(n, int) or not 1 <= n <= T:
             raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {n!r}")
         if self.timestep_spacing == "leading":
             timesteps = torch.arange(n - 1, -1, -1) * (T // n) + self.steps_offset
+        elif self.timestep_spacing == "aligned":
+            timesteps = torch.arange(n - 1, -1, -1) * T // n
         else:
             timesteps = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)).long() - 1
         self.num_inference_steps = n
@@ -99,6 +104,12 @@ class _Scheduler:
 
     def _abar(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t]
+
+    def _next_in_grid(self, timestep: int) -> int:
+        """The timestep after `timestep` in `timesteps`; -1 (abar = 1, or abar_0 for DDIM without
+        `set_alpha_to_one`) after the last."""
+        index = int((self.timesteps == int(timestep)).nonzero()[0, 0])
+        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
 
     def _predict_x0(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped if `clip_sample` (eq. 15 of Ho et al.)."""
@@ -126,10 +137,7 @@ class DDPMScheduler(_Scheduler):
     """
 
     def previous_timestep(self, timestep: int) -> int:
-        if self.num_inference_steps is None:
-            return int(timestep) - 1
-        index = int((self.timesteps == int(timestep)).nonzero()[0, 0])
-        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+        return int(timestep) - 1 if self.num_inference_steps is None else self._next_in_grid(timestep)
 
     def _posterior(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(coefficient of x_0, coefficient of x_t, variance) of q(x_{t'} | x_t, x_0)."""
@@ -160,7 +168,7 @@ class DDPMScheduler(_Scheduler):
 
 
 class DDIMScheduler(_Scheduler):
-    """DDIM (Song et al. 2021, eq. 12), with t' = t - T // n as in diffusers:
+    """DDIM (Song et al. 2021, eq. 12), with t' = t - T // n as in diffusers (the next grid point for 'aligned'):
 
         x_t' = sqrt(abar_t') x_0 + sqrt(1 - abar_t' - sigma_t^2) eps + sigma_t z,
         sigma_t = eta * sqrt((1 - abar_t') / (1 - abar_t)) * sqrt(1 - abar_t / abar_t')   (eq. 16)
@@ -174,6 +182,9 @@ class DDIMScheduler(_Scheduler):
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def previous_timestep(self, timestep: int) -> int:
+        """diffusers' t - T // n; the next grid point for 'aligned' (the two differ only where n does not divide T)."""
+        if self.timestep_spacing == "aligned" and self.num_inference_steps is not None:
+            return self._next_in_grid(timestep)
         n = self.num_inference_steps or self.num_train_timesteps
         return int(timestep) - self.num_train_timesteps // n
 

@@ -1,0 +1,154 @@
+"""Step distillation of the guided student (Salimans & Ho 2022; Meng et al. 2023, stage two).
+
+Each round halves the number of DDIM steps. A new student, initialised from the previous model,
+learns to cover in one step what the previous model covers in two, at random guidance scales s:
+
+    previous model:  z_t --DDIM--> z_t' --DDIM--> z_t''    (t, t', t'': points of the n-step grid)
+    student:         z_t ------------DDIM-------> z_t''    (t, t'': neighbours on the n/2-step grid)
+
+A DDIM step (eta = 0) is affine in the x_0 it predicts, so exactly one x_0 lands on the previous
+model's z_t'': Salimans & Ho's target x~ (their Algorithm 2, `ddim_x0_target`). The student keeps
+predicting eps; its implied x_0 is regressed on x~ (`step_distillation_loss`). Both grids use the
+'aligned' spacing (schedulers.py), so the n/2-step grid is every other point of the n-step grid.
+The checkpoint records its step count and spacing: `load_pipeline` samples with the steps it was trained for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .data import load_dataset
+from .distill import DistillConfig, sample_scales
+from .errors import UserError
+from .guidance import guided_noise_pred
+from .models import DiffusionModel
+from .schedulers import DDIMScheduler
+from .train import fit, pick_device
+
+
+@dataclass
+class StepDistillConfig:
+    start_steps: int | None = None  # what the first round halves; None: the checkpoint's, else 64
+    target_steps: int = 8
+    round_steps: int = 600  # training steps per round
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+    data_dir: str = "./data"
+
+
+def round_sizes(start_steps: int, target_steps: int) -> list[int]:
+    """[start/2, start/4, ..., target]: the step count of each round's student."""
+    sizes, n = [], start_steps
+    while n > target_steps and n % 2 == 0:
+        n //= 2
+        sizes.append(n)
+    if n != target_steps:
+        raise UserError(
+            f"--target-steps {target_steps} is not reached by halving --start-steps {start_steps}; "
+            "pick a start that is the target times a power of two (e.g. 64 and 8)"
+        )
+    return sizes
+
+
+def ddim_x0_target(
+    scheduler: DDIMScheduler, z_t: torch.Tensor, t: int, z_target: torch.Tensor, t_target: int
+) -> torch.Tensor:
+    """The x_0 whose DDIM step (eta = 0) from z_t at t lands on z_target at t_target (Salimans & Ho's x~):
+
+    a step is z_target = sqrt(abar') x_0 + sqrt(1 - abar') eps with eps = (z_t - sqrt(abar) x_0) / sqrt(1 - abar),
+    so  x~ = (z_target - c z_t) / (sqrt(abar') - c sqrt(abar)),  c = sqrt((1 - abar') / (1 - abar))."""
+    abar = scheduler.alphas_cumprod[t]
+    abar_end = scheduler.alphas_cumprod[t_target] if t_target >= 0 else scheduler.final_alpha_cumprod
+    c = ((1 - abar_end) / (1 - abar)).sqrt()
+    return (z_target - c * z_t) / (abar_end.sqrt() - c * abar.sqrt())  # (B, C, H, W)
+
+
+def step_distillation_loss(
+    previous: DiffusionModel, scheduler_config: dict, n_previous: int, scales: DistillConfig
+) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """max(SNR_t, 1) || clip(x_0 of the student) - x~ ||^2 at a random point t of the halved grid.
+
+    The weight is Salimans & Ho's "truncated SNR" (an eps-MSE where SNR > 1, an x_0-MSE where noise
+    dominates). The clip is the sampler's; its gradient passes straight through, so an x_0 clipped onto
+    the target costs nothing while one clipped on the wrong side is still pulled back."""
+    fine = DDIMScheduler(**{**scheduler_config, "timestep_spacing": "aligned"})
+    fine.set_timesteps(n_previous)
+    coarse_grid = fine.timesteps[1::2].tolist()  # the student's grid: every other point, ending at t = 0
+    lo, hi = -fine.clip_sample_range, fine.clip_sample_range
+
+    def loss_fn(student: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        j = int(torch.randint(0, len(coarse_grid), ()))  # one grid point per batch: scheduler steps share t
+        t = coarse_grid[j]
+        t_end = coarse_grid[j + 1] if j + 1 < len(coarse_grid) else -1
+        t_batch = torch.full_like(y, t)  # (B,)
+        z_t = fine.add_noise(x0, torch.randn_like(x0), t_batch)  # (B, C, H, W)
+        s = sample_scales(x0.shape[0], scales, x0.device)  # (B,)
+        with torch.no_grad():
+            z, u = z_t, t
+            while u != t_end:  # two steps of the previous model (one for the last point, t = 0 -> clean)
+                eps = guided_noise_pred(previous, z, torch.full_like(y, u), y, s)
+                z = fine.step(eps, u, z, use_clipped_model_output=True).prev_sample  # as the sampler does
+                u = fine.previous_timestep(u)
+            x_target = ddim_x0_target(fine, z_t, t, z, t_end)  # (B, C, H, W)
+        abar = fine.alphas_cumprod[t]
+        x0_pred = (z_t - (1 - abar).sqrt() * student(z_t, t_batch, y, guidance=s).float()) / abar.sqrt()
+        if fine.clip_sample:
+            x0_pred = x0_pred + (x0_pred.clamp(lo, hi) - x0_pred).detach()  # clipped forward, identity backward
+        return max(float(abar / (1 - abar)), 1.0) * F.mse_loss(x0_pred, x_target.float())
+
+    return loss_fn
+
+
+def distill_steps(
+    student_path: str | Path, cfg: StepDistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
+) -> list[Path]:
+    """Halve a guided student's steps round by round; writes OUT_DIR/student_{n}steps.pt per round.
+
+    The first round halves `cfg.start_steps`, or the step count the checkpoint was distilled to."""
+    previous_ckpt = load_checkpoint(student_path, kind="student")
+    n_previous = cfg.start_steps or previous_ckpt.get("sampling_steps", 64)
+    sizes = round_sizes(n_previous, cfg.target_steps)
+    device = pick_device(cfg.device)
+    data = load_dataset(previous_ckpt["dataset"], cfg.data_dir, train=True)
+    lo, hi = previous_ckpt["guidance_range"]
+    scales = DistillConfig(**{**previous_ckpt["distill_config"], "s_min": lo, "s_max": hi})
+    paths = []
+    for n in sizes:
+        path = Path(out_dir) / f"student_{n}steps.pt"
+        resume_from = load_checkpoint(path, kind="student") if resume and path.exists() else None
+        if resume_from is None or resume_from["step"] < resume_from["total_steps"]:
+            torch.manual_seed(cfg.seed + n)
+            previous = model_from_checkpoint(previous_ckpt, "ema").to(device).requires_grad_(False)
+            metadata = {key: previous_ckpt[key] for key in CARRIED if key in previous_ckpt}
+            metadata.update(
+                scheduler_config={**previous_ckpt["scheduler_config"], "timestep_spacing": "aligned"},
+                sampling_steps=n, step_distill_config=asdict(cfg),
+                step_rounds=[*previous_ckpt.get("step_rounds", []), dict(from_steps=n_previous, to_steps=n)],
+            )  # fmt: skip
+            loss_fn = step_distillation_loss(previous, previous_ckpt["scheduler_config"], n_previous, scales)
+            fit(
+                model_from_checkpoint(previous_ckpt, "ema"), loss_fn, data, path, metadata, steps=cfg.round_steps,
+                batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=0.0,
+                grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, device=device,
+                checkpoint_every=cfg.checkpoint_every, resume_from=resume_from, progress=progress, seed=cfg.seed,
+            )  # fmt: skip
+        previous_ckpt, n_previous = load_checkpoint(path, kind="student"), n
+        paths.append(path)
+    return paths
+
+
+# The metadata a round's checkpoint inherits from the model it halves (everything but training state).
+CARRIED = ("kind", "dataset", "image_size", "channels", "num_classes", "class_names", "model_config",
+           "guidance_range", "distill_config", "teacher_train_config")  # fmt: skip

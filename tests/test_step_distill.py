@@ -1,0 +1,95 @@
+"""Step distillation: a round teaches one student step to cover two steps of the previous model, and
+the checkpoint's step count drives sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cfg_minimal import TrainConfig, UserError, load_checkpoint, load_pipeline, train_teacher
+from cfg_minimal.data import load_dataset
+from cfg_minimal.distill import DistillConfig, distill_student
+from cfg_minimal.guidance import guided_noise_pred
+from cfg_minimal.schedulers import DDIMScheduler
+from cfg_minimal.step_distill import StepDistillConfig, ddim_x0_target, distill_steps, round_sizes
+
+SCALES = [0.0, 1.0, 3.0, 5.0]
+
+
+@pytest.fixture(scope="module")
+def rounds(tmp_path_factory):
+    """A tiny guided student on digits, then one round 8 -> 4 steps and one 4 -> 2."""
+    out = tmp_path_factory.mktemp("steps")
+    train_teacher(TrainConfig(arch="unet-tiny", steps=200, batch_size=32, lr=3e-3, device="cpu"), out, progress=False)
+    distill_student(out / "teacher.pt", DistillConfig(steps=100, batch_size=32, lr=3e-3, device="cpu"), out,
+                    progress=False)  # fmt: skip
+    cfg = StepDistillConfig(start_steps=8, target_steps=2, round_steps=300, batch_size=32, lr=1e-3, device="cpu")
+    paths = distill_steps(out / "student.pt", cfg, out, progress=False)
+    return out, paths
+
+
+def one_vs_two_step_error(student, previous, n_previous: int, scale: float, n: int = 128) -> float:
+    """Mean squared distance, over held-out x_0 and every point of the halved grid, between one student
+    step and two steps of the previous model (both as the sampler takes them)."""
+    fine = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned")
+    coarse = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned")
+    fine.set_timesteps(n_previous), coarse.set_timesteps(n_previous // 2)
+    g = torch.Generator().manual_seed(7)
+    test = load_dataset("digits", train=False)  # held-out images: z_t as the student meets them
+    x0, y = test.images[:n], test.labels[:n]
+    s = torch.full((n,), scale)
+    errors = []
+    with torch.no_grad():
+        for t in fine.timesteps[1::2].tolist():
+            z = z_t = fine.add_noise(x0, torch.randn(x0.shape, generator=g), torch.full((n,), t))
+            u, t_end = t, fine.previous_timestep(fine.previous_timestep(t)) if t > 0 else -1
+            while u != t_end:
+                z = fine.step(guided_noise_pred(previous, z, torch.full((n,), u), y, s), u, z,
+                              use_clipped_model_output=True).prev_sample  # fmt: skip
+                u = fine.previous_timestep(u)
+            one = coarse.step(guided_noise_pred(student, z_t, torch.full((n,), t), y, s), t, z_t,
+                              use_clipped_model_output=True).prev_sample  # fmt: skip
+            errors.append((one - z).pow(2).mean().item())
+    return sum(errors) / len(errors)
+
+
+def test_a_round_lowers_the_one_step_versus_two_step_error_at_every_scale(rounds):
+    out, _ = rounds
+    previous = load_pipeline(out / "student.pt").model
+    halved = load_pipeline(out / "student_4steps.pt").model
+    for s in SCALES:
+        before = one_vs_two_step_error(previous, previous, 8, s)  # the round starts from the previous weights
+        after = one_vs_two_step_error(halved, previous, 8, s)
+        assert after < 0.7 * before, (s, before, after)
+
+
+def test_the_checkpoint_step_count_drives_sampling(rounds):
+    _, paths = rounds
+    assert [p.name for p in paths] == ["student_4steps.pt", "student_2steps.pt"]
+    assert load_checkpoint(paths[1])["step_rounds"] == [dict(from_steps=8, to_steps=4), dict(from_steps=4, to_steps=2)]
+    pipe = load_pipeline(paths[1])
+    assert pipe.default_steps == 2 and pipe.scheduler.timestep_spacing == "aligned"
+    calls = []
+    pipe.model.register_forward_hook(lambda module, args, output: calls.append(int(args[1][0])))
+    x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    by_default = pipe([1, 2, 3], 3.0, x_T=x_T)
+    assert calls == [500, 0]  # one pass per step, on the 2-step aligned grid
+    assert torch.equal(by_default, pipe([1, 2, 3], 3.0, num_steps=2, x_T=x_T))
+
+
+def test_the_x0_target_lands_on_the_given_point():
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned", clip_sample=False)
+    sched.set_timesteps(4)  # 750, 500, 250, 0, then clean
+    g = torch.Generator().manual_seed(0)
+    z_t, z_end = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
+    for t in sched.timesteps.tolist():
+        t_end = sched.previous_timestep(t)
+        abar = sched.alphas_cumprod[t]
+        eps = (z_t - abar.sqrt() * ddim_x0_target(sched, z_t, t, z_end, t_end)) / (1 - abar).sqrt()
+        torch.testing.assert_close(sched.step(eps, t, z_t).prev_sample, z_end, rtol=1e-4, atol=1e-4)
+
+
+def test_unreachable_targets_are_clear_errors():
+    assert round_sizes(64, 8) == [32, 16, 8]
+    with pytest.raises(UserError, match="not reached by halving"):
+        round_sizes(48, 5)
