@@ -25,8 +25,8 @@ import torch
 from cfg_minimal import UserError, load_pipeline
 from cfg_minimal.classifier import load_or_train_classifier
 from cfg_minimal.data import load_dataset, to_unit_range
-from cfg_minimal.evaluate import CACHE_DIR, generate
-from cfg_minimal.metrics import accuracy, class_diversity, classifier_stats, frechet_distance
+from cfg_minimal.evaluate import CACHE_DIR, generate, score
+from cfg_minimal.metrics import class_diversity, classifier_stats
 from cfg_minimal.plotting import save_scale_grid
 from cfg_minimal.sampling import Pipeline
 from cfg_minimal.train import pick_device
@@ -83,10 +83,10 @@ def main() -> None:
     interval = sigma_interval_to_timesteps(teacher, *args.sigma_interval)
     print(f"negative class per class: {runner_up.tolist()}; interval t in {list(interval)}")
 
-    rows = [("teacher", "plain", s, {}) for s in (1.0, 3.0, 6.0, 10.0)]
+    rows = [("teacher", "plain", s, {}) for s in (1.0, 2.0, 3.0, 6.0, 10.0)]
     rows += [("teacher", f"rescale {args.phi:g}", s, dict(guidance_rescale=args.phi)) for s in (3.0, 6.0, 10.0)]
     rows += [("teacher", "interval", s, dict(guidance_interval=interval)) for s in (3.0, 6.0, 10.0)]
-    rows += [("teacher", "negative class", s, dict(negative_labels=negative)) for s in (1.0, 3.0)]
+    rows += [("teacher", "negative class", s, dict(negative_labels=negative)) for s in (2.0, 3.0)]
     pipes = {"teacher": teacher}
     if args.student:
         pipes["student"] = load_pipeline(args.student, device=device)
@@ -106,13 +106,10 @@ def main() -> None:
             print(f"{model_name:<8} {variant:<15} {scale:>4g}  refused: {err}")
             results.append(dict(model=model_name, variant=variant, scale=scale, refused=str(err)))
             continue
-        stats = classifier_stats(classifier, images.to(device))
+        probs = classifier_stats(classifier, images.to(device)).logits.softmax(dim=1)  # (n, K)
         row = dict(
-            model=model_name, variant=variant, scale=scale, accuracy=accuracy(stats.preds, labels),
-            fd=frechet_distance(stats.features, real_stats.features),
-            diversity=class_diversity(stats.features, labels, K) / real_div,
-            ink=float(to_unit_range(images).mean()) / real_ink,
-            p_neg=float(stats.logits.softmax(dim=1).gather(1, negative[:, None]).mean()),
+            model=model_name, variant=variant, scale=scale, **score(classifier, real_stats, real_div, images, labels),
+            ink=float(to_unit_range(images).mean()) / real_ink, p_neg=float(probs.gather(1, negative[:, None]).mean()),
             evals=(counter.images - before) / args.n, seconds=seconds,
         )  # fmt: skip
         results.append(row)

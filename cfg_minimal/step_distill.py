@@ -50,6 +50,9 @@ class StepDistillConfig:
 
 def round_sizes(start_steps: int, target_steps: int) -> list[int]:
     """[start/2, start/4, ..., target]: the step count of each round's student."""
+    if not 1 <= target_steps < start_steps:
+        raise UserError(f"--target-steps must be at least 1 and below the {start_steps} steps it starts from, "
+                        f"got {target_steps}")  # fmt: skip
     sizes, n = [], start_steps
     while n > target_steps and n % 2 == 0:
         n //= 2

@@ -70,6 +70,19 @@ def test_sample_flags_reach_the_sampler(run_dir, tmp_path, monkeypatch):
     assert all(not torch.allclose(grid, plain, atol=1e-3) for grid in changed)
 
 
+def test_step_distillation_stage_writes_each_round_and_measures_it(run_dir, tmp_path):
+    result = run("train_mnist.py", "--stage", "steps", "--student", str(run_dir / "student.pt"), "--teacher",
+                 str(run_dir / "teacher.pt"), "--start-steps", "8", "--target-steps", "2", "--round-steps", "3",
+                 "--out", str(tmp_path), *TINY, cache=run_dir / "cache")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(tmp_path / "student_2steps.pt", kind="student")["sampling_steps"] == 2
+    metrics = json.loads((tmp_path / "steps" / "metrics.json").read_text())
+    steps = {name: model["per_scale"][0]["steps"] for name, model in metrics["models"].items()}
+    assert steps == {"teacher 64 steps": 64, "student 4 steps": 4, "student 2 steps": 2}
+    for name in ("samples_student_2_steps.png", "samples_student_4_steps.png", "loss_steps.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
 def test_evaluate_sweep_writes_every_scale_and_model(run_dir, tmp_path):
     result = run("cfg_minimal.evaluate", "--ckpt", str(run_dir / "teacher.pt"), "--ckpt", str(run_dir / "student.pt"),
                  "--scales", "0", "2", "4", "--n", "20", "--steps", "3", "--out", str(tmp_path),
@@ -94,6 +107,10 @@ def test_evaluate_sweep_writes_every_scale_and_model(run_dir, tmp_path):
         ("train_mnist.py", ["--out", "/proc/forbidden"], "cannot write to --out"),
         ("train_mnist.py", ["--stage", "distill", "--teacher", "missing.pt", "--out", "{tmp}"], "does not exist"),
         ("sample.py", ["missing.pt"], "does not exist"),
+        ("train_mnist.py", ["--stage", "steps", "--student", "{run}/student.pt", "--target-steps", "5",
+                            "--out", "{tmp}"], "not reached by halving"),
+        ("train_mnist.py", ["--stage", "steps", "--student", "{run}/teacher.pt", "--out", "{tmp}"],
+         "is a teacher checkpoint, but a student is needed"),
         ("sample.py", ["{run}/teacher.pt", "--scales", "nan"], "--scales must be finite"),
         ("sample.py", ["{run}/teacher.pt", "--steps", "0"], "--steps must be a positive integer"),
         ("sample.py", ["{run}/teacher.pt", "--steps", "5000"], "at most 1000"),

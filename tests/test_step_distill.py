@@ -93,3 +93,5 @@ def test_unreachable_targets_are_clear_errors():
     assert round_sizes(64, 8) == [32, 16, 8]
     with pytest.raises(UserError, match="not reached by halving"):
         round_sizes(48, 5)
+    with pytest.raises(UserError, match="below the 8 steps"):
+        round_sizes(8, 8)
