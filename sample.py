@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SCHEDULERS))
     p.add_argument("--negative-label", type=int, help="negative class: guide away from it (teacher only)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2023; teacher only)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2024; teacher only)")
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_LO", "T_HI"),
                    help="guide only at timesteps T_LO <= t <= T_HI, plain conditional elsewhere")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)

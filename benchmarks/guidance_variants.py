@@ -2,7 +2,7 @@
 
     python -m benchmarks.guidance_variants --teacher runs/digits/teacher.pt --student runs/digits/student.pt
 
-Rows: plain CFG, guidance rescale (phi = 0.7, Lin et al. 2023), a guidance interval (Kynkäänniemi
+Rows: plain CFG, guidance rescale (phi = 0.7, Lin et al. 2024), a guidance interval (Kynkäänniemi
 et al. 2024; by default EDM2's sigma in (0.28, 5.42], converted to this schedule's timesteps) and
 negative-class guidance, where each class's negative is the class the evaluation classifier most
 often confuses it with (its runner-up on plain samples at s = 1). Columns:

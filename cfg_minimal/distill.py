@@ -27,12 +27,12 @@ from .errors import UserError
 from .guidance import guided_noise_pred
 from .models import DiffusionModel, build_model
 from .schedulers import DDPMScheduler
-from .train import RECIPES, FitResult, fit, pick_device
+from .train import FitResult, fit, pick_device, recipe
 
 
 @dataclass
 class DistillConfig:
-    steps: int | None = None  # None: RECIPES[dataset]["distill_steps"]
+    steps: int | None = None  # None: train.recipe(dataset, arch)["distill_steps"]
     batch_size: int = 64  # per process: under torchrun the effective batch is batch_size x processes
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -100,7 +100,8 @@ def distill_student(
     if resume_from is not None:
         cfg = DistillConfig(**{**resume_from["distill_config"], "device": cfg.device})
     dataset = teacher_ckpt["dataset"]
-    steps = cfg.steps if cfg.steps is not None else RECIPES[dataset]["distill_steps"]
+    default_steps = recipe(dataset, teacher_ckpt["model_config"]["arch"])["distill_steps"]
+    steps = cfg.steps if cfg.steps is not None else default_steps
     if steps < 1:
         raise UserError(f"--distill-steps must be at least 1, got {steps}")
     device = pick_device(cfg.device)

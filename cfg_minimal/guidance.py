@@ -60,7 +60,7 @@ def as_scale_tensor(scale: float | torch.Tensor, batch_size: int, device: torch.
 
 
 def rescale_guidance(eps_guided: torch.Tensor, eps_cond: torch.Tensor, phi: float) -> torch.Tensor:
-    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules ...", Sec. 3.4, eqs. 15-16):
+    """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4):
 
         eps_rescaled = eps_cfg * std(eps_c) / std(eps_cfg)
         eps          = phi * eps_rescaled + (1 - phi) * eps_cfg,

@@ -126,6 +126,10 @@ class Pipeline:
             raise UserError(f"num_steps must be a positive integer, got {num_steps!r}")
         if num_steps > self.scheduler.num_train_timesteps:
             raise UserError(f"num_steps must be at most {self.scheduler.num_train_timesteps} (the training timesteps)")
+        base = self.scheduler.aligned_base
+        if self.scheduler.timestep_spacing == "aligned" and base % num_steps:
+            raise UserError(f"this model was step-distilled on a grid of {base} steps halved: num_steps must "
+                            f"divide {base} (it was trained for {self.default_steps}), got {num_steps}")  # fmt: skip
         if self.guidance_range is not None:
             lo, hi = self.guidance_range
             if float(scale.min()) < lo or float(scale.max()) > hi:

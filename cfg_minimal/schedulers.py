@@ -62,6 +62,7 @@ class _Scheduler:
         clip_sample_range: float = 1.0,
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
+        aligned_base: int = 64,
     ):
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of {TIMESTEP_SPACINGS}")
@@ -70,6 +71,7 @@ class _Scheduler:
         self.clip_sample_range = clip_sample_range
         self.timestep_spacing = timestep_spacing
         self.steps_offset = steps_offset
+        self.aligned_base = aligned_base
         self.betas = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end)  # (T,)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # abar_t, (T,)
         self.num_inference_steps: int | None = None
@@ -80,9 +82,10 @@ class _Scheduler:
 
         'leading':  t_k = k * (T // n) + steps_offset, k = n-1 ... 0   (DDIM paper; ends at t = 0)
         'trailing': t_k = round(T - k * T / n) - 1,    k = 0 ... n-1   (Lin et al. 2024; starts at T-1)
-        'aligned':  t_k = (k * T) // n,                k = n-1 ... 0   (this project's; 'leading' when n
-                    divides T, and for any n the grid of n/2 steps is every other point of the grid of n,
-                    so one step of a halved sampler spans exactly two: what step distillation needs)
+        'aligned':  t_k = ((k + 1) B / n - 1) T // B,   k = n-1 ... 0   (this project's, for step distillation)
+                    with B = `aligned_base` and n dividing B. The grid of B steps is 'leading'-like
+                    (i T // B); the grid of n/2 steps is every other point of the grid of n, from the
+                    same top point down, so each step of a halved sampler spans exactly two.
         """
         n, T = num_inference_steps, self.num_train_timesteps
         if not isinstance(n, int) or not 1 <= n <= T:
@@ -90,7 +93,10 @@ class _Scheduler:
         if self.timestep_spacing == "leading":
             timesteps = torch.arange(n - 1, -1, -1) * (T // n) + self.steps_offset
         elif self.timestep_spacing == "aligned":
-            timesteps = torch.arange(n - 1, -1, -1) * T // n
+            B = self.aligned_base
+            if B % n:
+                raise ValueError(f"'aligned' spacing needs num_inference_steps dividing {B}, got {n}")
+            timesteps = ((torch.arange(n - 1, -1, -1) + 1) * (B // n) - 1) * T // B
         else:
             timesteps = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)).long() - 1
         self.num_inference_steps = n
@@ -182,7 +188,7 @@ class DDIMScheduler(_Scheduler):
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def previous_timestep(self, timestep: int) -> int:
-        """diffusers' t - T // n; the next grid point for 'aligned' (the two differ only where n does not divide T)."""
+        """diffusers' t - T // n; the next grid point for 'aligned'."""
         if self.timestep_spacing == "aligned" and self.num_inference_steps is not None:
             return self._next_in_grid(timestep)
         n = self.num_inference_steps or self.num_train_timesteps

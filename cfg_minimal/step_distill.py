@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import load_dataset
@@ -78,38 +77,54 @@ def ddim_x0_target(
     return (z_target - c * z_t) / (abar_end.sqrt() - c * abar.sqrt())  # (B, C, H, W)
 
 
+@torch.no_grad()
+def two_step_target(
+    previous: DiffusionModel,
+    fine: DDIMScheduler,
+    z_t: torch.Tensor,
+    t: int,
+    t_end: int,
+    y: torch.Tensor,
+    s: torch.Tensor,
+) -> torch.Tensor:
+    """x~ for z_t (B, C, H, W) at t: run the previous model's sampler steps t -> t' -> t_end, then invert."""
+    z, u = z_t, t
+    while u != t_end:
+        eps = guided_noise_pred(previous, z, torch.full_like(y, u), y, s)  # (B, C, H, W)
+        z = fine.step(eps, u, z, use_clipped_model_output=True).prev_sample  # exactly as the sampler steps
+        u = fine.previous_timestep(u)
+    return ddim_x0_target(fine, z_t, t, z, t_end)
+
+
 def step_distillation_loss(
     previous: DiffusionModel, scheduler_config: dict, n_previous: int, scales: DistillConfig
 ) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """max(SNR_t, 1) || clip(x_0 of the student) - x~ ||^2 at a random point t of the halved grid.
+    """max(SNR_t, 1) || clip(x_0 of the student) - x~ ||^2, at a random point t of the halved grid per sample.
 
     The weight is Salimans & Ho's "truncated SNR" (an eps-MSE where SNR > 1, an x_0-MSE where noise
     dominates). The clip is the sampler's; its gradient passes straight through, so an x_0 clipped onto
     the target costs nothing while one clipped on the wrong side is still pulled back."""
-    fine = DDIMScheduler(**{**scheduler_config, "timestep_spacing": "aligned"})
+    fine = DDIMScheduler(**scheduler_config)
     fine.set_timesteps(n_previous)
-    coarse_grid = fine.timesteps[1::2].tolist()  # the student's grid: every other point, ending at t = 0
+    grid = fine.timesteps[0::2]  # (n/2,) the student's grid: every other point, from the same top
+    ends = [*grid[1:].tolist(), -1]  # where a student step from grid[k] lands
     lo, hi = -fine.clip_sample_range, fine.clip_sample_range
 
     def loss_fn(student: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        j = int(torch.randint(0, len(coarse_grid), ()))  # one grid point per batch: scheduler steps share t
-        t = coarse_grid[j]
-        t_end = coarse_grid[j + 1] if j + 1 < len(coarse_grid) else -1
-        t_batch = torch.full_like(y, t)  # (B,)
-        z_t = fine.add_noise(x0, torch.randn_like(x0), t_batch)  # (B, C, H, W)
+        k = torch.randint(0, len(grid), (x0.shape[0],))  # (B,) a grid point per sample
+        t = grid[k].to(x0.device)  # (B,)
+        z_t = fine.add_noise(x0, torch.randn_like(x0), t)  # (B, C, H, W)
         s = sample_scales(x0.shape[0], scales, x0.device)  # (B,)
-        with torch.no_grad():
-            z, u = z_t, t
-            while u != t_end:  # two steps of the previous model (one for the last point, t = 0 -> clean)
-                eps = guided_noise_pred(previous, z, torch.full_like(y, u), y, s)
-                z = fine.step(eps, u, z, use_clipped_model_output=True).prev_sample  # as the sampler does
-                u = fine.previous_timestep(u)
-            x_target = ddim_x0_target(fine, z_t, t, z, t_end)  # (B, C, H, W)
-        abar = fine.alphas_cumprod[t]
-        x0_pred = (z_t - (1 - abar).sqrt() * student(z_t, t_batch, y, guidance=s).float()) / abar.sqrt()
+        x_target = torch.empty_like(x0)
+        for point in k.unique().tolist():  # the scheduler steps one timestep at a time: group by grid point
+            rows = (k == point).to(x0.device)
+            x_target[rows] = two_step_target(previous, fine, z_t[rows], int(grid[point]), ends[point], y[rows], s[rows])
+        abar = fine.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        x0_pred = (z_t - (1 - abar).sqrt() * student(z_t, t, y, guidance=s).float()) / abar.sqrt()
         if fine.clip_sample:
             x0_pred = x0_pred + (x0_pred.clamp(lo, hi) - x0_pred).detach()  # clipped forward, identity backward
-        return max(float(abar / (1 - abar)), 1.0) * F.mse_loss(x0_pred, x_target.float())
+        weight = (abar / (1 - abar)).clamp(min=1.0).flatten()  # (B,) truncated SNR
+        return (weight * (x0_pred - x_target.float()).pow(2).mean(dim=(1, 2, 3))).mean()
 
     return loss_fn
 
@@ -123,6 +138,9 @@ def distill_steps(
     previous_ckpt = load_checkpoint(student_path, kind="student")
     n_previous = cfg.start_steps or previous_ckpt.get("sampling_steps", 64)
     sizes = round_sizes(n_previous, cfg.target_steps)
+    if previous_ckpt["scheduler_config"].get("timestep_spacing") != "aligned":  # the guided student: grid of n_previous
+        previous_ckpt["scheduler_config"] = {**previous_ckpt["scheduler_config"], "timestep_spacing": "aligned",
+                                             "aligned_base": n_previous}  # fmt: skip
     device = pick_device(cfg.device)
     data = load_dataset(previous_ckpt["dataset"], cfg.data_dir, train=True)
     lo, hi = previous_ckpt["guidance_range"]
@@ -136,11 +154,10 @@ def distill_steps(
             previous = model_from_checkpoint(previous_ckpt, "ema").to(device).requires_grad_(False)
             metadata = {key: previous_ckpt[key] for key in CARRIED if key in previous_ckpt}
             metadata.update(
-                scheduler_config={**previous_ckpt["scheduler_config"], "timestep_spacing": "aligned"},
-                sampling_steps=n, step_distill_config=asdict(cfg),
+                scheduler_config=previous_ckpt["scheduler_config"], sampling_steps=n, step_distill_config=asdict(cfg),
                 step_rounds=[*previous_ckpt.get("step_rounds", []), dict(from_steps=n_previous, to_steps=n)],
             )  # fmt: skip
-            loss_fn = step_distillation_loss(previous, previous_ckpt["scheduler_config"], n_previous, scales)
+            loss_fn = step_distillation_loss(previous, metadata["scheduler_config"], n_previous, scales)
             fit(
                 model_from_checkpoint(previous_ckpt, "ema"), loss_fn, data, path, metadata, steps=cfg.round_steps,
                 batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=0.0,

@@ -43,6 +43,16 @@ RECIPES: dict[str, dict[str, str | int]] = {
 }
 
 
+# Where an architecture needs other defaults on a dataset. On digits the DiT trains at ~0.7x the UNet's
+# CPU speed but its student converges in fewer steps (measured), so 700 keeps it in the same 6 minutes.
+ARCH_RECIPES: dict[tuple[str, str], dict[str, int]] = {("digits", "dit"): dict(distill_steps=700)}
+
+
+def recipe(dataset: str, arch: str) -> dict[str, str | int]:
+    """The defaults for `dataset` trained with `arch`."""
+    return {**RECIPES[dataset], **ARCH_RECIPES.get((dataset, arch), {})}
+
+
 @dataclass
 class TrainConfig:
     dataset: str = "digits"

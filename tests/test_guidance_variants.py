@@ -16,7 +16,7 @@ from cfg_minimal.guidance import cfg_combine, guided_noise_pred, interval_scale,
 
 
 def lin_et_al_rescale(x_cfg: np.ndarray, x_pos: np.ndarray, phi: float) -> np.ndarray:
-    """Lin et al. 2023, Algorithm 2, written out per sample in NumPy as the reference."""
+    """Lin et al. 2024, Sec. 3.4, written out per sample in NumPy as the reference."""
     out = np.empty_like(x_cfg)
     for i in range(len(x_cfg)):
         rescaled = x_cfg[i] * (x_pos[i].std(ddof=1) / x_cfg[i].std(ddof=1))

@@ -31,8 +31,8 @@ def rounds(tmp_path_factory):
 def one_vs_two_step_error(student, previous, n_previous: int, scale: float, n: int = 128) -> float:
     """Mean squared distance, over held-out x_0 and every point of the halved grid, between one student
     step and two steps of the previous model (both as the sampler takes them)."""
-    fine = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned")
-    coarse = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned")
+    fine = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned", aligned_base=n_previous)
+    coarse = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned", aligned_base=n_previous)
     fine.set_timesteps(n_previous), coarse.set_timesteps(n_previous // 2)
     g = torch.Generator().manual_seed(7)
     test = load_dataset("digits", train=False)  # held-out images: z_t as the student meets them
@@ -40,9 +40,9 @@ def one_vs_two_step_error(student, previous, n_previous: int, scale: float, n: i
     s = torch.full((n,), scale)
     errors = []
     with torch.no_grad():
-        for t in fine.timesteps[1::2].tolist():
+        for t in coarse.timesteps.tolist():
             z = z_t = fine.add_noise(x0, torch.randn(x0.shape, generator=g), torch.full((n,), t))
-            u, t_end = t, fine.previous_timestep(fine.previous_timestep(t)) if t > 0 else -1
+            u, t_end = t, coarse.previous_timestep(t)
             while u != t_end:
                 z = fine.step(guided_noise_pred(previous, z, torch.full((n,), u), y, s), u, z,
                               use_clipped_model_output=True).prev_sample  # fmt: skip
@@ -73,13 +73,15 @@ def test_the_checkpoint_step_count_drives_sampling(rounds):
     pipe.model.register_forward_hook(lambda module, args, output: calls.append(int(args[1][0])))
     x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     by_default = pipe([1, 2, 3], 3.0, x_T=x_T)
-    assert calls == [500, 0]  # one pass per step, on the 2-step aligned grid
+    assert calls == [875, 375]  # one pass per step, every fourth point of the 8-step grid 875, 750, ..., 0
     assert torch.equal(by_default, pipe([1, 2, 3], 3.0, num_steps=2, x_T=x_T))
+    with pytest.raises(UserError, match="must divide 8"):
+        pipe([1], 3.0, num_steps=3)
 
 
 def test_the_x0_target_lands_on_the_given_point():
     sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned", clip_sample=False)
-    sched.set_timesteps(4)  # 750, 500, 250, 0, then clean
+    sched.set_timesteps(4)  # 984, 734, 484, 234, then clean
     g = torch.Generator().manual_seed(0)
     z_t, z_end = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
     for t in sched.timesteps.tolist():
