@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/digits", help="output folder for checkpoints and figures")
     p.add_argument("--stage", default="all", choices=["teacher", "distill", "steps", "all"],
                    help="all = teacher, then distill; steps = halve a student's sampling steps")  # fmt: skip
-    p.add_argument("--teacher", help="teacher checkpoint for --stage distill (default: OUT/teacher.pt)")
+    p.add_argument("--teacher", help="teacher for --stage distill; the reference for --stage steps (OUT/teacher.pt)")
     p.add_argument("--student", help="guided student for --stage steps (default: OUT/student.pt)")
     p.add_argument("--target-steps", type=int, default=StepDistillConfig.target_steps, help="steps at the end")
     p.add_argument("--start-steps", type=int, help="steps the first round halves (default: the student's, else 64)")
@@ -133,7 +133,8 @@ def student_figures(teacher_path: Path, out: Path, args: argparse.Namespace, gri
 def steps_figures(teacher_path: Path, paths: list[Path], out: Path, args: argparse.Namespace) -> None:
     """The step students against the teacher at TEACHER_STEPS steps: grids, a sweep and the speed-up."""
     device = _device(args)
-    pipes = {f"student {load_pipeline(p).default_steps} steps": load_pipeline(p, device=device) for p in paths}
+    students = [load_pipeline(path, device=device) for path in paths]
+    pipes = {f"student {pipe.default_steps} steps": pipe for pipe in students}
     for name, pipe in pipes.items():
         grid = sample_scale_grid(pipe, GRID_SCALES, seed=args.seed, num_steps=pipe.default_steps)
         path = out / f"samples_{name.replace(' ', '_')}.png"

@@ -83,10 +83,10 @@ def main() -> None:
     interval = sigma_interval_to_timesteps(teacher, *args.sigma_interval)
     print(f"negative class per class: {runner_up.tolist()}; interval t in {list(interval)}")
 
-    rows = [("teacher", "plain", s, {}) for s in (1.0, 2.0, 3.0, 6.0, 10.0)]
+    rows = [("teacher", "plain", s, {}) for s in (1.0, 1.5, 2.0, 3.0, 6.0, 10.0)]
     rows += [("teacher", f"rescale {args.phi:g}", s, dict(guidance_rescale=args.phi)) for s in (3.0, 6.0, 10.0)]
     rows += [("teacher", "interval", s, dict(guidance_interval=interval)) for s in (3.0, 6.0, 10.0)]
-    rows += [("teacher", "negative class", s, dict(negative_labels=negative)) for s in (2.0, 3.0)]
+    rows += [("teacher", "negative class", s, dict(negative_labels=negative)) for s in (1.5, 2.0, 3.0)]
     pipes = {"teacher": teacher}
     if args.student:
         pipes["student"] = load_pipeline(args.student, device=device)
