@@ -33,7 +33,8 @@ def save_scale_grid(
     grid = tile(images.reshape(R, S * K, *images.shape[3:]))  # (R*H', S*K*W', C)
     cell_h, cell_w = grid.shape[0] / R, grid.shape[1] / (S * K)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * S * K + 1.2), max(3.0, 0.45 * R + 1.0)), dpi=120)
-    ax.imshow((grid.squeeze(-1) if grid.shape[-1] == 1 else grid).numpy(), cmap="gray", vmin=0, vmax=1)  # RGB: no cmap
+    # cmap and vmin/vmax apply to one channel; RGB grids are shown as they are
+    ax.imshow((grid.squeeze(-1) if grid.shape[-1] == 1 else grid).numpy(), cmap="gray", vmin=0, vmax=1)
     names = block_names or [f"s = {s:g}" for s in scales]
     ax.set_xticks([(b + 0.5) * K * cell_w for b in range(S)], names)
     ax.set_yticks([(r + 0.5) * cell_h for r in range(R)], row_names)
