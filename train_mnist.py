@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
                                 data_dir=args.data_dir)  # fmt: skip
         paths = distill_steps(Path(args.student) if args.student else out / "student.pt", cfg, out,
                               resume=args.resume, progress=not args.no_progress)  # fmt: skip
-        curves = {f"{p.stem}": load_checkpoint(p)["losses"] for p in paths}
+        curves = {path.stem: load_checkpoint(path)["losses"] for path in paths}
         if rank0:
             steps_figures(teacher_path, paths, out, args)
     if rank0:

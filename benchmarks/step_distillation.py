@@ -59,6 +59,7 @@ def main() -> None:
     results, reference_seconds = [], {}
     print(f"{'model':<38} {'steps':>5} {'s':>4} {'accuracy':>8} {'FD':>6} {'diversity':>9} {'ms/image':>8} speed-up")
     for name, pipe, steps in rows:
+        generate(pipe, min(args.n, 20), args.scales[-1], steps)  # warm-up, untimed: first calls allocate
         for s in args.scales:
             images, labels, seconds = generate(pipe, args.n, s, steps)
             reference_seconds.setdefault(s, seconds)  # the first row, the teacher, is the reference

@@ -166,7 +166,7 @@ class Pipeline:
                     "unconditional prediction to replace. Sample with its teacher instead"
                 )
             variants["negative_labels"] = negative.to(self.device)
-        if not (isinstance(rescale, (int, float)) and 0.0 <= rescale <= 1.0):
+        if isinstance(rescale, bool) or not (isinstance(rescale, (int, float)) and 0.0 <= rescale <= 1.0):
             raise UserError(f"guidance_rescale must be a number in [0, 1] (0 is plain CFG), got {rescale!r}")
         if rescale:
             if self.is_student:
@@ -176,7 +176,10 @@ class Pipeline:
                 )
             variants["rescale"] = float(rescale)
         if interval is not None:
-            ok = len(interval) == 2 and all(isinstance(v, int) for v in interval) and 0 <= interval[0] <= interval[1]
+            ok = (
+                isinstance(interval, (tuple, list)) and len(interval) == 2 and all(isinstance(v, int) for v in interval)
+            )
+            ok = ok and 0 <= interval[0] <= interval[1]
             if not ok:
                 raise UserError(f"guidance_interval must be timesteps (t_lo, t_hi), 0 <= t_lo <= t_hi: {interval!r}")
             variants["interval"] = tuple(interval)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import load_dataset
 from .distill import DistillConfig, sample_scales
@@ -129,6 +130,11 @@ def step_distillation_loss(
     return loss_fn
 
 
+# The metadata a round's checkpoint inherits from the model it halves (everything but training state).
+CARRIED = ("kind", "dataset", "image_size", "channels", "num_classes", "class_names", "model_config",
+           "guidance_range", "distill_config", "teacher_train_config")  # fmt: skip
+
+
 def distill_steps(
     student_path: str | Path, cfg: StepDistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
 ) -> list[Path]:
@@ -136,39 +142,44 @@ def distill_steps(
 
     The first round halves `cfg.start_steps`, or the step count the checkpoint was distilled to."""
     previous_ckpt = load_checkpoint(student_path, kind="student")
-    n_previous = cfg.start_steps or previous_ckpt.get("sampling_steps", 64)
+    trained_for = previous_ckpt.get("sampling_steps")  # set when the checkpoint is already step-distilled
+    if trained_for is not None and cfg.start_steps not in (None, trained_for):
+        raise UserError(f"{str(student_path)!r} was step-distilled to {trained_for} steps; "
+                        f"--start-steps must be {trained_for} (or left out)")  # fmt: skip
+    n_previous = cfg.start_steps or trained_for or 64
     sizes = round_sizes(n_previous, cfg.target_steps)
     if previous_ckpt["scheduler_config"].get("timestep_spacing") != "aligned":  # the guided student: grid of n_previous
         previous_ckpt["scheduler_config"] = {**previous_ckpt["scheduler_config"], "timestep_spacing": "aligned",
                                              "aligned_base": n_previous}  # fmt: skip
     device = pick_device(cfg.device)
-    data = load_dataset(previous_ckpt["dataset"], cfg.data_dir, train=True)
+    with distributed.main_first():  # under torchrun rank 0 downloads, the others then read its copy
+        data = load_dataset(previous_ckpt["dataset"], cfg.data_dir, train=True)
     lo, hi = previous_ckpt["guidance_range"]
     scales = DistillConfig(**{**previous_ckpt["distill_config"], "s_min": lo, "s_max": hi})
     paths = []
     for n in sizes:
         path = Path(out_dir) / f"student_{n}steps.pt"
         resume_from = load_checkpoint(path, kind="student") if resume and path.exists() else None
+        round_cfg = cfg  # a resumed round keeps the settings it was started with
+        if resume_from is not None:
+            round_cfg = StepDistillConfig(**{**resume_from["step_distill_config"], "device": cfg.device})
         if resume_from is None or resume_from["step"] < resume_from["total_steps"]:
-            torch.manual_seed(cfg.seed + n)
+            torch.manual_seed(round_cfg.seed + n)
             previous = model_from_checkpoint(previous_ckpt, "ema").to(device).requires_grad_(False)
             metadata = {key: previous_ckpt[key] for key in CARRIED if key in previous_ckpt}
             metadata.update(
-                scheduler_config=previous_ckpt["scheduler_config"], sampling_steps=n, step_distill_config=asdict(cfg),
+                scheduler_config=previous_ckpt["scheduler_config"], sampling_steps=n,
+                step_distill_config=asdict(round_cfg),
                 step_rounds=[*previous_ckpt.get("step_rounds", []), dict(from_steps=n_previous, to_steps=n)],
             )  # fmt: skip
             loss_fn = step_distillation_loss(previous, metadata["scheduler_config"], n_previous, scales)
             fit(
-                model_from_checkpoint(previous_ckpt, "ema"), loss_fn, data, path, metadata, steps=cfg.round_steps,
-                batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=0.0,
-                grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, device=device,
-                checkpoint_every=cfg.checkpoint_every, resume_from=resume_from, progress=progress, seed=cfg.seed,
+                model_from_checkpoint(previous_ckpt, "ema"), loss_fn, data, path, metadata,
+                steps=round_cfg.round_steps, batch_size=round_cfg.batch_size, lr=round_cfg.lr,
+                warmup_steps=round_cfg.warmup_steps, weight_decay=0.0, grad_clip=round_cfg.grad_clip,
+                ema_decay=round_cfg.ema_decay, device=device, checkpoint_every=round_cfg.checkpoint_every,
+                resume_from=resume_from, progress=progress, seed=round_cfg.seed,
             )  # fmt: skip
         previous_ckpt, n_previous = load_checkpoint(path, kind="student"), n
         paths.append(path)
     return paths
-
-
-# The metadata a round's checkpoint inherits from the model it halves (everything but training state).
-CARRIED = ("kind", "dataset", "image_size", "channels", "num_classes", "class_names", "model_config",
-           "guidance_range", "distill_config", "teacher_train_config")  # fmt: skip

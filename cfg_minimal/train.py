@@ -90,7 +90,9 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
-    if device.type == "cuda" and device.index is None and distributed.is_distributed():
+    if device.type == "cuda" and distributed.is_distributed():
+        if device.index is not None:
+            raise UserError("under torchrun each process uses its own GPU (LOCAL_RANK): pass --device cuda, not cuda:N")
         device = torch.device("cuda", distributed.local_rank())
     return device
 
@@ -300,7 +302,7 @@ def train_teacher(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, p
                 raise UserError(f"--resume: {str(path)!r} was trained with --{key} {stored[key]}, not "
                                 f"{getattr(cfg, key)}; pass the same flags, or choose another --out")  # fmt: skip
         cfg = TrainConfig(**{**stored, "device": cfg.device})
-    steps = cfg.steps if cfg.steps is not None else RECIPES[cfg.dataset]["teacher_steps"]
+    steps = cfg.steps if cfg.steps is not None else recipe(cfg.dataset, cfg.arch)["teacher_steps"]
     if steps < 1:
         raise UserError(f"--teacher-steps must be at least 1, got {steps}")
     torch.manual_seed(cfg.seed)  # the same initial weights in every process

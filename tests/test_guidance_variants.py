@@ -128,7 +128,8 @@ def test_a_student_refuses_what_needs_a_second_pass_and_accepts_the_interval(arc
     [(dict(negative_labels=11), "out of range"), (dict(negative_labels=[1, 2]), "one per label"),
      (dict(guidance_rescale=float("nan")), "guidance_rescale"), (dict(guidance_rescale=1.5), "guidance_rescale"),
      (dict(guidance_interval=(600, 200)), "guidance_interval"),
-     (dict(guidance_interval=(0.5, 900)), "guidance_interval")],
+     (dict(guidance_interval=(0.5, 900)), "guidance_interval"), (dict(guidance_interval=5), "guidance_interval"),
+     (dict(guidance_rescale=True), "guidance_rescale")],
 )  # fmt: skip
 def test_bad_variant_arguments_are_clear_errors(kwargs, message):
     with pytest.raises(UserError, match=message):

@@ -79,6 +79,12 @@ def test_the_checkpoint_step_count_drives_sampling(rounds):
         pipe([1], 3.0, num_steps=3)
 
 
+def test_a_step_distilled_checkpoint_is_halved_from_its_own_step_count(rounds):
+    _, paths = rounds
+    with pytest.raises(UserError, match="was step-distilled to 4 steps"):
+        distill_steps(paths[0], StepDistillConfig(start_steps=8, target_steps=2, device="cpu"), paths[0].parent)
+
+
 def test_the_x0_target_lands_on_the_given_point():
     sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned", clip_sample=False)
     sched.set_timesteps(4)  # 984, 734, 484, 234, then clean
