@@ -55,7 +55,6 @@ def test_sample_reads_either_checkpoint(run_dir, ckpt, tmp_path):
 
 def test_sample_flags_reach_the_sampler(run_dir, tmp_path, monkeypatch):
     """In-process, catching the grid before it is drawn (the figure titles differ anyway)."""
-    sys.path.insert(0, str(REPO))
     import sample
 
     grids = {}
