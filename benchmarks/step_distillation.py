@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--steps-dir", default="runs/digits", help="where student_{n}steps.pt are")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--n", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="noise seed of x_T (the README also reports 1 and 2)")
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -61,7 +62,7 @@ def main() -> None:
     for name, pipe, steps in rows:
         generate(pipe, min(args.n, 20), args.scales[-1], steps)  # warm-up, untimed: first calls allocate
         for s in args.scales:
-            images, labels, seconds = generate(pipe, args.n, s, steps)
+            images, labels, seconds = generate(pipe, args.n, s, steps, seed=args.seed)
             reference_seconds.setdefault(s, seconds)  # the first row, the teacher, is the reference
             row = dict(model=name, steps=steps, scale=s, **score(classifier, real_stats, real_div, images, labels),
                        ms_per_image=1000 * seconds / args.n, speedup=reference_seconds[s] / seconds)  # fmt: skip
