@@ -42,11 +42,10 @@ def main() -> None:
 
     teacher, guided = load_pipeline(args.teacher, device=device), load_pipeline(args.student, device=device)
     rows = [("teacher, CFG", teacher, 64), ("guided student", guided, 64)]
+    aligned = {**load_checkpoint(args.student)["scheduler_config"], "timestep_spacing": "aligned"}
     for n in (8, 4):
         cut = copy.copy(guided)  # the same weights on the aligned grid, no step distillation
-        cut.scheduler = DDIMScheduler(
-            **{**load_checkpoint(args.student)["scheduler_config"], "timestep_spacing": "aligned"}
-        )
+        cut.scheduler = DDIMScheduler(**aligned)
         rows.append(("guided student, no step distillation", cut, n))
     for path in sorted(Path(args.steps_dir).glob("student_*steps.pt"), key=lambda p: -int(p.stem[8:-5])):
         pipe = load_pipeline(path, device=device)

@@ -176,11 +176,8 @@ class Pipeline:
                 )
             variants["rescale"] = float(rescale)
         if interval is not None:
-            ok = (
-                isinstance(interval, (tuple, list)) and len(interval) == 2 and all(isinstance(v, int) for v in interval)
-            )
-            ok = ok and 0 <= interval[0] <= interval[1]
-            if not ok:
+            pair = isinstance(interval, (tuple, list)) and len(interval) == 2
+            if not (pair and all(isinstance(v, int) for v in interval) and 0 <= interval[0] <= interval[1]):
                 raise UserError(f"guidance_interval must be timesteps (t_lo, t_hi), 0 <= t_lo <= t_hi: {interval!r}")
             variants["interval"] = tuple(interval)
         return variants
