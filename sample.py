@@ -1,6 +1,6 @@
 """Sample a grid from a teacher or student checkpoint: rows = classes, one block of columns per scale.
 
-python sample.py runs/digits/teacher.pt --scales 0 1 3 --n-per-class 8 --steps 50 --seed 0 --out grid.png
+python sample.py runs/digits/teacher.pt --scales 0 1 3 --n-per-class 8 --sampling-steps 50 --seed 0 --out grid.png
 python sample.py runs/digits/teacher.pt --scales 1 3 6 --negative-label 1 --out not_a_one.png
 """
 
@@ -11,10 +11,9 @@ import math
 import sys
 import time
 
-from cfg_minimal import UserError, load_pipeline
-from cfg_minimal.plotting import sample_scale_grid, save_scale_grid
+from cfg_minimal import UserError, load_pipeline, pick_device, sample_scale_grid
+from cfg_minimal.plotting import save_scale_grid
 from cfg_minimal.schedulers import SCHEDULERS
-from cfg_minimal.train import pick_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,7 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("ckpt", help="teacher.pt or student.pt")
     p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance scales s")
     p.add_argument("--n-per-class", type=int, default=8, help="images per class and scale")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
+    p.add_argument(
+        "--sampling-steps", type=int, default=None, help="default: the checkpoint's own (50 unless step-distilled)"
+    )
     p.add_argument("--sampler", default="ddim", choices=sorted(SCHEDULERS))
     p.add_argument("--negative-label", type=int, help="negative class: guide away from it (teacher only)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2024; teacher only)")
@@ -34,8 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.n_per_class < 1:
         p.error(f"--n-per-class must be a positive integer, got {args.n_per_class}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be a positive integer, got {args.steps}")
+    if args.sampling_steps is not None and args.sampling_steps < 1:
+        p.error(f"--sampling-steps must be a positive integer, got {args.sampling_steps}")
     if not all(math.isfinite(s) for s in args.scales):
         p.error(f"--scales must be finite numbers, got {args.scales}")
     return args
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         pipe = load_pipeline(args.ckpt, device=pick_device(args.device), scheduler=args.sampler)
-        steps = args.steps or pipe.default_steps
+        steps = args.sampling_steps or pipe.sampling_steps
         start = time.perf_counter()
         interval = tuple(args.guidance_interval) if args.guidance_interval else None
         variants = dict(negative_labels=args.negative_label, guidance_rescale=args.guidance_rescale,

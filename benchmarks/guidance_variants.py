@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
-from cfg_minimal import UserError, load_pipeline
+from cfg_minimal import UserError, load_pipeline, pick_device
 from cfg_minimal.classifier import load_or_train_classifier
 from cfg_minimal.data import load_dataset, to_unit_range
 from cfg_minimal.evaluate import CACHE_DIR, generate, score
 from cfg_minimal.metrics import class_diversity, classifier_stats
 from cfg_minimal.plotting import save_scale_grid
 from cfg_minimal.sampling import Pipeline
-from cfg_minimal.train import pick_device
 
 FIGURE_BLOCKS = {("plain", 3.0), ("plain", 10.0), ("rescale", 10.0), ("interval", 10.0), ("negative", 3.0)}
 
@@ -58,7 +57,7 @@ def main() -> None:
     p.add_argument("--teacher", default="runs/digits/teacher.pt")
     p.add_argument("--student", default=None, help="its distilled student (optional)")
     p.add_argument("--n", type=int, default=500, help="samples per row")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--phi", type=float, default=0.7, help="guidance rescale phi")
     p.add_argument("--sigma-interval", type=float, nargs=2, default=[0.28, 5.42], metavar=("LO", "HI"))
     p.add_argument("--data-dir", default="../shared/data")
@@ -74,7 +73,7 @@ def main() -> None:
     real_ink = float(to_unit_range(real.images).mean())
 
     K = teacher.num_classes
-    plain_s1, labels, _ = generate(teacher, args.n, 1.0, args.steps)
+    plain_s1, labels, _ = generate(teacher, args.n, 1.0, args.sampling_steps)
     probs = classifier_stats(classifier, plain_s1.to(device)).logits.softmax(dim=1)  # (n, K)
     confusion = torch.stack([probs[labels == c].mean(dim=0) for c in range(K)])  # (K, K)
     confusion.fill_diagonal_(-1.0)
@@ -101,7 +100,7 @@ def main() -> None:
     for model_name, variant, scale, kwargs in rows:
         counter, before = counters[model_name], counters[model_name].images
         try:
-            images, labels, seconds = generate(pipes[model_name], args.n, scale, args.steps, **kwargs)
+            images, labels, seconds = generate(pipes[model_name], args.n, scale, args.sampling_steps, **kwargs)
         except UserError as err:
             print(f"{model_name:<8} {variant:<15} {scale:>4g}  refused: {err}")
             results.append(dict(model=model_name, variant=variant, scale=scale, refused=str(err)))
@@ -121,8 +120,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "guidance_variants.json").write_text(json.dumps(dict(
-        checkpoint=args.teacher, n=args.n, steps=args.steps, interval=interval, negative_of_class=runner_up.tolist(),
-        rows=results), indent=2))  # fmt: skip
+        checkpoint=args.teacher, n=args.n, sampling_steps=args.sampling_steps, interval=interval,
+        negative_of_class=runner_up.tolist(), rows=results), indent=2))  # fmt: skip
     per_class = 2
     grid = torch.stack([
         torch.stack([torch.stack([images[c + k * K] for k in range(per_class)]) for _, images in figure_blocks])

@@ -17,10 +17,8 @@ from functools import partial
 
 import torch
 
-from cfg_minimal import DDIMScheduler, Pipeline, build_model, load_pipeline
+from cfg_minimal import DDIMScheduler, Pipeline, build_model, load_pipeline, make_student, pick_device
 from cfg_minimal.data import dataset_info
-from cfg_minimal.distill import make_student
-from cfg_minimal.train import pick_device
 
 
 def time_call(fn, repeats: int, device: torch.device) -> float:
@@ -42,7 +40,7 @@ def main() -> None:
     p.add_argument("--arch", default="unet")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampling-steps", type=int, default=50)
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
@@ -59,13 +57,13 @@ def main() -> None:
                        teacher.channels, teacher.class_names)  # fmt: skip
     params = sum(p.numel() for p in teacher.model.parameters())
     size = f"{teacher.image_size}x{teacher.image_size}"
-    print(f"{teacher.model.arch}, {params / 1e6:.2f}M parameters, {size}, {args.steps} DDIM steps, s = {args.scale}, "
-          f"device {device} ({torch.get_num_threads()} threads)\n")  # fmt: skip
+    print(f"{teacher.model.arch}, {params / 1e6:.2f}M parameters, {size}, {args.sampling_steps} DDIM steps, "
+          f"s = {args.scale}, device {device} ({torch.get_num_threads()} threads)\n")  # fmt: skip
     print("| batch | sampler | evals / image | seconds / batch | images / s | speed vs batched teacher |")
     print("|---:|---|---:|---:|---:|---:|")
     for batch in args.batch_sizes:
         labels = torch.arange(batch) % teacher.num_classes
-        x_T = torch.randn(batch, teacher.channels, teacher.image_size, teacher.image_size)
+        x_T = teacher.initial_noise(batch, 0)  # (batch, C, H, W), from seed 0
         runs = {  # name: (pipeline, batched, passes per step)
             "teacher, two passes": (teacher, False, 2),
             "teacher, batched 2B": (teacher, True, 2),
@@ -73,12 +71,13 @@ def main() -> None:
         }
         seconds = {}
         for name, (pipe, batched, _) in runs.items():
-            run = partial(pipe, labels, args.scale, args.steps, x_T=x_T, batched=batched)
+            run = partial(pipe, labels, args.scale, args.sampling_steps, x_T=x_T, batched=batched)
             run()  # warm-up
             seconds[name] = time_call(run, args.repeats, device)
         base = seconds["teacher, batched 2B"]
         for name, (_, _, passes) in runs.items():
-            print(f"| {batch} | {name} | {passes * args.steps} | {seconds[name]:.3f} | {batch / seconds[name]:.1f} "
+            evals = passes * args.sampling_steps
+            print(f"| {batch} | {name} | {evals} | {seconds[name]:.3f} | {batch / seconds[name]:.1f} "
                   f"| {base / seconds[name]:.2f}x |")  # fmt: skip
 
 

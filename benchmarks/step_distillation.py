@@ -1,11 +1,11 @@
 """Few-step students against the 64-step teacher: quality, and wall time measured in one run.
 
     python -m benchmarks.step_distillation --teacher runs/digits/teacher.pt --student runs/digits/student.pt \
-        --steps-dir runs/digits --data-dir ../shared/data
+        --run-dir runs/digits --data-dir ../shared/data
 
 Rows: the CFG teacher at 64 DDIM steps (batched, two passes per step), the guided student at 64 steps,
 the guided student cut to 8 and 4 steps without step distillation (what distillation has to beat),
-and the step-distilled students (`student_{n}steps.pt` in --steps-dir). Every row samples the same
+and the step-distilled students (`student_{n}steps.pt` in --run-dir). Every row samples the same
 x_T and labels; accuracy, FD and diversity as in `python -m cfg_minimal.evaluate`; speed-up is the
 teacher's wall time per image over the row's, both measured here.
 """
@@ -17,20 +17,19 @@ import copy
 import json
 from pathlib import Path
 
-from cfg_minimal import load_checkpoint, load_pipeline
+from cfg_minimal import load_checkpoint, load_pipeline, pick_device
 from cfg_minimal.classifier import load_or_train_classifier
 from cfg_minimal.data import load_dataset
 from cfg_minimal.evaluate import CACHE_DIR, generate, score
 from cfg_minimal.metrics import class_diversity, classifier_stats
 from cfg_minimal.schedulers import DDIMScheduler
-from cfg_minimal.train import pick_device
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="runs/digits/teacher.pt")
     p.add_argument("--student", default="runs/digits/student.pt", help="the guided (one pass, many steps) student")
-    p.add_argument("--steps-dir", default="runs/digits", help="where student_{n}steps.pt are")
+    p.add_argument("--run-dir", default="runs/digits", help="where student_{n}steps.pt are")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="noise seed of x_T (the README also reports 1 and 2)")
@@ -47,9 +46,9 @@ def main() -> None:
         cut = copy.copy(guided)  # the same weights on the aligned grid, no step distillation
         cut.scheduler = DDIMScheduler(**aligned)
         rows.append(("guided student, no step distillation", cut, n))
-    for path in sorted(Path(args.steps_dir).glob("student_*steps.pt"), key=lambda p: -int(p.stem[8:-5])):
+    for path in sorted(Path(args.run_dir).glob("student_*steps.pt"), key=lambda p: -int(p.stem[8:-5])):
         pipe = load_pipeline(path, device=device)
-        rows.append(("step-distilled student", pipe, pipe.default_steps))
+        rows.append(("step-distilled student", pipe, pipe.sampling_steps))
 
     classifier, _ = load_or_train_classifier(teacher.dataset, args.data_dir, CACHE_DIR, device=device)
     real = load_dataset(teacher.dataset, args.data_dir, train=False)
@@ -63,7 +62,8 @@ def main() -> None:
         for s in args.scales:
             images, labels, seconds = generate(pipe, args.n, s, steps, seed=args.seed)
             reference_seconds.setdefault(s, seconds)  # the first row, the teacher, is the reference
-            row = dict(model=name, steps=steps, scale=s, **score(classifier, real_stats, real_div, images, labels),
+            row = dict(model=name, sampling_steps=steps, scale=s,
+                       **score(classifier, real_stats, real_div, images, labels),
                        ms_per_image=1000 * seconds / args.n, speedup=reference_seconds[s] / seconds)  # fmt: skip
             results.append(row)
             print(f"{name:<38} {steps:>5} {s:>4g} {row['accuracy']:>8.3f} {row['fd']:>6.2f} {row['diversity']:>9.2f} "

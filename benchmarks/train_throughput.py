@@ -15,8 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cfg_minimal import build_model
-from cfg_minimal.train import pick_device
+from cfg_minimal import build_model, pick_device
 
 
 def main() -> None:

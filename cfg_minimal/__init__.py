@@ -3,15 +3,21 @@
 from . import distributed
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .data import DATASETS, load_dataset
+from .distill import DistillConfig, distill_student, make_student
+from .distributed import pick_device
 from .errors import UserError
 from .guidance import cfg_combine, guided_noise_pred, s_to_w, w_to_s
+from .loop import OptimConfig, with_optim
 from .models import ARCHITECTURES, DiffusionModel, build_model
-from .sampling import Pipeline, load_pipeline, sample_loop
+from .sampling import Pipeline, load_pipeline, sample_loop, sample_scale_grid
 from .schedulers import DDIMScheduler, DDPMScheduler
-from .train import TrainConfig, train_teacher
+from .step_distill import StepDistillConfig, halve_sampling_steps
+from .train import TeacherConfig, train_teacher
 
 __all__ = [
-    "ARCHITECTURES", "DATASETS", "DDIMScheduler", "DDPMScheduler", "DiffusionModel", "Pipeline", "TrainConfig",
-    "UserError", "build_model", "cfg_combine", "distributed", "guided_noise_pred", "load_checkpoint", "load_dataset",
-    "load_pipeline", "model_from_checkpoint", "s_to_w", "sample_loop", "save_checkpoint", "train_teacher", "w_to_s",
+    "ARCHITECTURES", "DATASETS", "DDIMScheduler", "DDPMScheduler", "DiffusionModel", "DistillConfig", "OptimConfig",
+    "Pipeline", "StepDistillConfig", "TeacherConfig", "UserError", "build_model", "cfg_combine", "distill_student",
+    "distributed", "guided_noise_pred", "halve_sampling_steps", "load_checkpoint", "load_dataset", "load_pipeline",
+    "make_student", "model_from_checkpoint", "pick_device", "s_to_w", "sample_loop", "sample_scale_grid",
+    "save_checkpoint", "train_teacher", "w_to_s", "with_optim",
 ]  # fmt: skip

@@ -20,8 +20,9 @@ from .errors import UserError
 from .models import DiffusionModel, build_model
 
 FORMAT = "cfg_minimal"
-VERSION = 1
-KINDS = ("teacher", "student")
+VERSION = 2  # 2: training progress is `train_step` / `max_train_steps`; configs nest an `optim` block
+# What a checkpoint says about the data and the noise schedule; every model distilled from it inherits these.
+DATASET_KEYS = ("scheduler_config", "dataset", "image_size", "channels", "num_classes", "class_names")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -70,11 +71,17 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{str(path)!r} is not a cfg_minimal checkpoint (no 'format': {FORMAT!r} entry)")
     if ckpt.get("version") != VERSION:
-        raise UserError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}, this code reads {VERSION}")
+        raise UserError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}, this code reads {VERSION}: "
+                        "retrain it, or load it with the version of cfg_minimal that wrote it")  # fmt: skip
     if kind is not None and ckpt.get("kind") != kind:
         hint = " (distil from the teacher.pt of the same run)" if kind == "teacher" else ""
         raise UserError(f"{str(path)!r} is a {ckpt.get('kind')} checkpoint, but a {kind} is needed here{hint}")
     return ckpt
+
+
+def dataset_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `ckpt` that describe its data and noise schedule (DATASET_KEYS)."""
+    return {key: ckpt[key] for key in DATASET_KEYS}
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "ema") -> DiffusionModel:

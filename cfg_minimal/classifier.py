@@ -92,7 +92,7 @@ class ClassifierConfig:
     in_channels: int
     image_size: int
     num_classes: int
-    steps: int
+    train_steps: int
     batch_size: int = 128
     lr: float = 2e-3
     max_shift: int = 2
@@ -101,12 +101,12 @@ class ClassifierConfig:
 
 # Batch 128, one CPU thread: digits 98.6-99.4% test accuracy in ~9 s (seeds 0-3); MNIST 99.3% in
 # ~1.5 min. Fashion-MNIST and CIFAR-10 are set by analogy, not tuned (expect ~90% and ~75%).
-DEFAULT_STEPS = {"digits": 300, "mnist": 1000, "fashion-mnist": 1500, "cifar10": 4000}
+DEFAULT_TRAIN_STEPS = {"digits": 300, "mnist": 1000, "fashion-mnist": 1500, "cifar10": 4000}
 
 
 def train_classifier(
     data: ImageData,
-    steps: int,
+    train_steps: int,
     batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
@@ -117,19 +117,19 @@ def train_classifier(
     """Cross-entropy training with AdamW, a cosine learning-rate decay and random shifts of up to
     `max_shift` pixels (so the classifier tolerates the small misalignments of generated digits).
 
-    lr_k = lr * (1 + cos(pi * k / steps)) / 2 (Loshchilov & Hutter 2017, without restarts).
+    lr_k = lr * (1 + cos(pi * k / train_steps)) / 2 (Loshchilov & Hutter 2017, without restarts).
     Returns the classifier in eval mode."""
     info = data.info
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         model = Classifier(info.channels, info.image_size, info.num_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / train_steps)))
     gen = torch.Generator().manual_seed(seed)
     images, labels = data.images.to(device), data.labels.to(device)  # (N, C, H, W), (N,)
 
     model.train()
-    bar = tqdm(range(steps), desc=f"classifier ({data.name})", disable=not progress, leave=False)
+    bar = tqdm(range(train_steps), desc=f"classifier ({data.name})", disable=not progress, leave=False)
     for _ in bar:
         idx = torch.randint(0, len(labels), (batch_size,), generator=gen).to(device)  # (B,)
         x = random_translate(images[idx], max_shift, gen)  # (B, C, H, W)
@@ -165,16 +165,16 @@ def load_or_train_classifier(
     cache_dir: str | Path,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    steps: int | None = None,
+    train_steps: int | None = None,
 ) -> tuple[Classifier, float]:
     """The classifier for `dataset` (eval mode) and its accuracy on the dataset's test split.
 
     Reuses `cache_dir/classifier_{dataset}.pt` when it loads and matches the training config
-    (`steps` defaults to DEFAULT_STEPS[dataset]); otherwise trains on the train split, measures
+    (`train_steps` defaults to DEFAULT_TRAIN_STEPS[dataset]); otherwise trains on the train split, measures
     test accuracy and writes the cache. A corrupt or mismatched cache is retrained with a warning."""
     info = dataset_info(dataset)
-    steps = steps if steps is not None else DEFAULT_STEPS[dataset]
-    config = ClassifierConfig(dataset, info.channels, info.image_size, info.num_classes, steps)
+    train_steps = train_steps if train_steps is not None else DEFAULT_TRAIN_STEPS[dataset]
+    config = ClassifierConfig(dataset, info.channels, info.image_size, info.num_classes, train_steps)
     path = cache_path(cache_dir, dataset)
     if path.exists():
         try:
@@ -185,13 +185,14 @@ def load_or_train_classifier(
     train = load_dataset(dataset, data_dir, train=True)
     start = time.perf_counter()
     model = train_classifier(
-        train, config.steps, config.batch_size, config.lr, config.seed, device, config.max_shift, progress
+        train, config.train_steps, config.batch_size, config.lr, config.seed, device, config.max_shift, progress
     )
     seconds = time.perf_counter() - start
     test = load_dataset(dataset, data_dir, train=False)
     test_acc = accuracy(classifier_stats(model, test.images).preds, test.labels)
     if progress:
-        tqdm.write(f"classifier ({dataset}): test accuracy {test_acc:.4f} after {config.steps} steps ({seconds:.0f} s)")
+        steps = config.train_steps
+        tqdm.write(f"classifier ({dataset}): test accuracy {test_acc:.4f} after {steps} train steps ({seconds:.0f} s)")
     blob = {
         "format": CACHE_FORMAT,
         "config": asdict(config),

@@ -11,42 +11,32 @@ prediction eps_c for s >= 1 and as eps_u at s = 0 (the label fades in over s in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import dataset_metadata, load_checkpoint, model_from_checkpoint
 from .data import load_dataset
 from .errors import UserError
 from .guidance import guided_noise_pred
+from .loop import FitResult, LossFn, OptimConfig, fit, stored_config, with_optim
 from .models import DiffusionModel, build_model
+from .recipes import recipe
 from .schedulers import DDPMScheduler
-from .train import FitResult, fit, pick_device, recipe
 
 
 @dataclass
 class DistillConfig:
-    steps: int | None = None  # None: train.recipe(dataset, arch)["distill_steps"]
-    batch_size: int = 64  # per process: under torchrun the effective batch is batch_size x processes
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    s_min: float = 0.0
+    s_min: float = 0.0  # the student learns every s in [s_min, s_max]
     s_max: float = 6.0
     p_s0: float = 0.2  # share of samples at exactly s = 0 (the student must learn to ignore y there)
     p_s1: float = 0.1  # ... and at exactly s = 1 (plain conditional)
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 500
     data_dir: str = "./data"
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=64, warmup_steps=50))
 
 
 def make_student(teacher: DiffusionModel) -> DiffusionModel:
@@ -69,9 +59,7 @@ def sample_scales(n: int, cfg: DistillConfig, device: torch.device | str = "cpu"
     return torch.where((u >= cfg.p_s0) & (u < cfg.p_s0 + cfg.p_s1), torch.ones_like(s), s)
 
 
-def distillation_loss(
-    teacher: DiffusionModel, scheduler: DDPMScheduler, cfg: DistillConfig
-) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+def distillation_loss(teacher: DiffusionModel, scheduler: DDPMScheduler, cfg: DistillConfig) -> LossFn:
     """MSE between the student's one-pass prediction and the teacher's CFG prediction, at random (t, s).
 
     `student` may be wrapped in DDP; the teacher is not (it only runs forward, the same on every rank)."""
@@ -92,35 +80,30 @@ def distill_student(
 ) -> FitResult:
     """Distil OUT_DIR/student.pt from the teacher checkpoint at `teacher_path`."""
     teacher_ckpt = load_checkpoint(teacher_path, kind="teacher")
-    if not cfg.s_min <= 1.0 <= cfg.s_max or cfg.s_min < 0:
-        raise UserError(f"the guidance range [--s-min, --s-max] must satisfy 0 <= s_min <= 1 <= s_max, "
-                        f"got [{cfg.s_min}, {cfg.s_max}]")  # fmt: skip
+    check_guidance_range(cfg)
     path = Path(out_dir) / "student.pt"
     resume_from = load_checkpoint(path, kind="student") if resume and path.exists() else None
     if resume_from is not None:
-        cfg = DistillConfig(**{**resume_from["distill_config"], "device": cfg.device})
-    dataset = teacher_ckpt["dataset"]
-    default_steps = recipe(dataset, teacher_ckpt["model_config"]["arch"])["distill_steps"]
-    steps = cfg.steps if cfg.steps is not None else default_steps
-    if steps < 1:
-        raise UserError(f"--distill-steps must be at least 1, got {steps}")
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    teacher = model_from_checkpoint(teacher_ckpt, "ema").to(device).requires_grad_(False)
-    student = make_student(teacher)
-    with distributed.main_first():
-        data = load_dataset(dataset, cfg.data_dir, train=True)
-    metadata: dict[str, Any] = {
-        key: teacher_ckpt[key]
-        for key in ("scheduler_config", "dataset", "image_size", "channels", "num_classes", "class_names")
-    }
-    metadata.update(kind="student", model_config={"arch": teacher.arch, **student.config},
-                    guidance_range=[cfg.s_min, cfg.s_max], distill_config=asdict(cfg),
-                    teacher_train_config=teacher_ckpt["train_config"])  # fmt: skip
-    scheduler = DDPMScheduler(**teacher_ckpt["scheduler_config"])
-    return fit(
-        student, distillation_loss(teacher, scheduler, cfg), data, path, metadata, steps=steps,
-        batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, device=device, checkpoint_every=cfg.checkpoint_every,
-        resume_from=resume_from, progress=progress, seed=cfg.seed,
+        cfg = stored_config(DistillConfig, resume_from["distill_config"], cfg.optim.device)
+    if cfg.optim.max_train_steps is None:
+        arch = teacher_ckpt["model_config"]["arch"]
+        cfg = with_optim(cfg, max_train_steps=recipe(teacher_ckpt["dataset"], arch)["distill_train_steps"])
+    torch.manual_seed(cfg.optim.seed)
+    teacher = model_from_checkpoint(teacher_ckpt, "ema").to(distributed.pick_device(cfg.optim.device))
+    student = make_student(teacher.requires_grad_(False))
+    with distributed.main_first():  # rank 0 downloads, the others then read its copy
+        data = load_dataset(teacher_ckpt["dataset"], cfg.data_dir, train=True)
+    metadata = dict(
+        **dataset_metadata(teacher_ckpt), kind="student", model_config={"arch": teacher.arch, **student.config},
+        guidance_range=[cfg.s_min, cfg.s_max], distill_config=asdict(cfg),
+        teacher_config=teacher_ckpt["teacher_config"],
     )  # fmt: skip
+    loss_fn = distillation_loss(teacher, DDPMScheduler(**teacher_ckpt["scheduler_config"]), cfg)
+    return fit(student, loss_fn, data, path, metadata, cfg.optim, resume_from, progress)
+
+
+def check_guidance_range(cfg: DistillConfig) -> None:
+    """The student's range of s must hold 0 <= s_min <= 1 <= s_max < inf (it always learns s = 0 and 1)."""
+    if not (0 <= cfg.s_min <= 1.0 <= cfg.s_max < float("inf")):
+        raise UserError(f"the guidance range [--s-min, --s-max] must satisfy 0 <= s_min <= 1 <= s_max < inf, "
+                        f"got [{cfg.s_min}, {cfg.s_max}]")  # fmt: skip

@@ -7,8 +7,8 @@ LOCAL_RANK on GPU LOCAL_RANK), gloo on the CPU. Without torchrun (WORLD_SIZE uns
 here does anything: world_size() is 1, rank() is 0, `wrap` returns the model itself.
 
 Who does what: every process trains on its own shard of each batch and DistributedDataParallel
-averages the gradients, so all processes hold the same weights after every step; only rank 0
-(`is_main()`) writes checkpoints, figures and logs.
+averages the gradients, so all processes hold the same weights after every train step; only rank 0
+(`is_main()`) writes checkpoints, figures and logs. `pick_device` chooses each process's device.
 """
 
 from __future__ import annotations
@@ -43,6 +43,28 @@ def init(device: str = "auto") -> None:
     if cuda:
         torch.cuda.set_device(local_rank())
     dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The device this process computes on: 'auto' -> CUDA, then MPS, then CPU; else torch.device(name).
+
+    Under torchrun, 'auto' and 'cuda' mean this process's own GPU, cuda:LOCAL_RANK, and 'auto' skips MPS."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank() if is_distributed() else None)
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        return torch.device("mps") if mps and not is_distributed() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and is_distributed():
+        if device.index is not None:
+            raise UserError("under torchrun each process uses its own GPU (LOCAL_RANK): pass --device cuda, not cuda:N")
+        device = torch.device("cuda", local_rank())
+    return device
 
 
 def is_distributed() -> bool:
@@ -111,7 +133,7 @@ def mean_and_any(value: torch.Tensor, flag: bool) -> tuple[float, bool]:
     """(mean of a scalar over ranks, whether any rank raised `flag`), in one all-reduce.
 
     The training loop uses it so that every rank logs the same loss, sees a NaN on any rank, and
-    stops at the same step when any rank is interrupted."""
+    stops at the same train step when any rank is interrupted."""
     if not is_distributed():
         return value.item(), flag
     both = torch.stack([value.detach().float().reshape(()), torch.tensor(float(flag), device=value.device)])

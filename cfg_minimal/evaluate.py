@@ -29,10 +29,11 @@ import torch
 
 from .classifier import Classifier, load_or_train_classifier
 from .data import load_dataset
+from .distributed import pick_device
 from .errors import UserError
 from .metrics import ClassifierStats, accuracy, class_diversity, classifier_stats, frechet_distance
 from .plotting import plot_guidance_sweep, save_scale_grid
-from .sampling import Pipeline, load_pipeline
+from .sampling import DEFAULT_SAMPLING_STEPS, Pipeline, load_pipeline
 
 CACHE_DIR = Path(os.environ.get("CFG_MINIMAL_CACHE", Path.home() / ".cache" / "cfg_minimal"))
 
@@ -51,7 +52,7 @@ def generate(
 
     `variants`: the Pipeline's guidance keyword arguments; a (n,) `negative_labels` is split with the batches."""
     labels = torch.arange(n) % pipe.num_classes  # (n,)
-    x_T = torch.randn(n, pipe.channels, pipe.image_size, pipe.image_size, generator=torch.Generator().manual_seed(seed))
+    x_T = pipe.initial_noise(n, seed)  # (n, C, H, W)
     start, chunks = time.perf_counter(), []
     negative = variants.pop("negative_labels", None)
     for i in range(0, n, batch_size):
@@ -70,7 +71,7 @@ def sweep(
     pipes: dict[str, Pipeline],
     scales: Sequence[float],
     n: int,
-    num_steps: int | None = 50,
+    num_steps: int | None = DEFAULT_SAMPLING_STEPS,
     seed: int = 0,
     data_dir: str | Path = "./data",
     classifier: tuple[Classifier, float] | None = None,
@@ -78,7 +79,7 @@ def sweep(
 ) -> tuple[dict[str, Any], dict[str, dict[float, torch.Tensor]]]:
     """Measure every pipeline at every scale -> (metrics dict for JSON, images[name][scale]).
 
-    num_steps=None samples each pipeline with its own default (a step-distilled student's step count)."""
+    num_steps=None samples each pipeline with its own sampling steps (a step-distilled student's)."""
     first = next(iter(pipes.values()))
     if len({(p.dataset, p.image_size, p.channels) for p in pipes.values()}) > 1:
         raise UserError("the checkpoints of one sweep must come from the same dataset")
@@ -90,17 +91,17 @@ def sweep(
     real_stats = classifier_stats(classifier_model, real.images.to(device))
     real_diversity = class_diversity(real_stats.features, real.labels.to(device), real.info.num_classes)
     metrics: dict[str, Any] = dict(
-        dataset=first.dataset, n=n, num_steps=num_steps, seed=seed, scales=list(scales),
+        dataset=first.dataset, n=n, sampling_steps=num_steps, seed=seed, scales=list(scales),
         classifier_test_accuracy=classifier_acc, real_diversity=real_diversity, models={},
     )  # fmt: skip
     images: dict[str, dict[float, torch.Tensor]] = {}
     for name, pipe in pipes.items():
         rows, images[name] = [], {}
-        steps = num_steps or pipe.default_steps
+        steps = num_steps or pipe.sampling_steps
         for s in scales:
             x, labels, seconds = generate(pipe, n, s, steps, seed)
             rows.append(dict(
-                scale=s, steps=steps, **score(classifier_model, real_stats, real_diversity, x, labels),
+                scale=s, sampling_steps=steps, **score(classifier_model, real_stats, real_diversity, x, labels),
                 evals_per_image=evals_per_image(pipe, s, steps), seconds_per_image=seconds / n,
             ))  # fmt: skip
             images[name][s] = x
@@ -167,23 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint (repeat for several)")
     p.add_argument("--scales", type=float, nargs="+", default=[0, 0.5, 1, 2, 3, 4, 6])
     p.add_argument("--n", type=int, default=1000, help="samples per scale and checkpoint")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: each checkpoint's own, else 50)")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help="DDIM steps (default: each checkpoint's own, 50 unless step-distilled)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint)")
     args = p.parse_args(argv)
-    if args.n < 2 or (args.steps is not None and args.steps < 1):
-        p.error("--n must be at least 2 and --steps at least 1")
+    if args.n < 2 or (args.sampling_steps is not None and args.sampling_steps < 1):
+        p.error("--n must be at least 2 and --sampling-steps at least 1")
     try:
-        from .train import pick_device
-
         device = pick_device(args.device)
         pipes = [load_pipeline(path, device=device) for path in args.ckpt]
         named = dict(zip(model_names(args.ckpt, pipes), pipes))
         out = Path(args.out) if args.out else Path(args.ckpt[0]).parent
         out.mkdir(parents=True, exist_ok=True)
-        metrics, images = sweep(named, args.scales, args.n, args.steps, args.seed, args.data_dir)
+        metrics, images = sweep(named, args.scales, args.n, args.sampling_steps, args.seed, args.data_dir)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

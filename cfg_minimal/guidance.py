@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UserError
 from .models import DiffusionModel
 
 
@@ -41,21 +42,23 @@ def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float |
 
 
 def as_scale_tensor(scale: float | torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
-    """A float or a (B,) tensor -> a finite float32 (B,) tensor; anything else is a clear error."""
+    """A float or a (B,) tensor -> a finite float32 (B,) tensor; anything else is a UserError.
+
+    The one place a scale is checked: guided_noise_pred calls it, so every sampler and loss does."""
     if isinstance(scale, torch.Tensor):
         scale = scale.detach().to(device=device, dtype=torch.float32)
         if scale.ndim == 0:
             scale = scale.expand(batch_size)
         if scale.shape != (batch_size,):
-            raise ValueError(
+            raise UserError(
                 f"guidance_scale must be a float or a tensor of shape ({batch_size},), got {tuple(scale.shape)}"
             )
     else:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ValueError(f"guidance_scale must be a number or a tensor, got {type(scale).__name__}")
+            raise UserError(f"guidance_scale must be a number or a tensor, got {type(scale).__name__}")
         scale = torch.full((batch_size,), float(scale), device=device)
     if not torch.isfinite(scale).all():
-        raise ValueError(f"guidance_scale must be finite, got {scale.tolist()}")
+        raise UserError(f"guidance_scale must be finite, got {scale.tolist()}")
     return scale
 
 
@@ -107,7 +110,8 @@ def guided_noise_pred(
       rescale = phi         `rescale_guidance` of the result towards std(eps_c).
       interval = (lo, hi)   `interval_scale`: guide only where lo <= t <= hi, plain conditional elsewhere.
     A student can take the interval (it only changes s) but not the other two: its one pass yields
-    neither eps_c nor a slot for a negative label.
+    neither eps_c nor a slot for a negative label, so asking for them is a UserError (the one place
+    this is checked).
     """
     s = as_scale_tensor(scale, x.shape[0], x.device)  # (B,)
     if interval is not None:
@@ -115,11 +119,15 @@ def guided_noise_pred(
     null = torch.full_like(y, model.null_class)
     uncond_labels = null if negative_labels is None else negative_labels.to(y.device)  # (B,)
     if model.is_student:
-        if not torch.equal(uncond_labels, null) or rescale != 0:
-            raise ValueError(
-                "a guidance-distilled student makes one pass that already is the guided prediction: it has no "
-                "unconditional branch to replace with a negative class and no eps_c to rescale towards; "
-                "use its teacher for negative labels or guidance rescale"
+        if negative_labels is not None and not torch.equal(uncond_labels, null):
+            raise UserError(
+                "a guidance-distilled student cannot do negative-class guidance: its one pass has no "
+                "unconditional prediction to replace. Sample with its teacher instead"
+            )
+        if rescale != 0:
+            raise UserError(
+                "guidance rescale needs the conditional prediction eps_c, which a guidance-distilled "
+                "student does not compute; sample with its teacher instead"
             )
         return model(x, t, y, guidance=s)
     need_cond, need_uncond = (s != 0) | (rescale != 0), s != 1  # (B,) bool each; rescale needs eps_c

@@ -1,4 +1,6 @@
-"""Figures: sample grids (rows = classes, column blocks = guidance scales) and loss curves."""
+"""Figures: sample grids (rows = classes, column blocks = guidance scales), loss and sweep curves.
+
+Figures draw what they are given; sampling.sample_scale_grid makes the images of a grid."""
 
 from __future__ import annotations
 
@@ -51,34 +53,15 @@ def save_scale_grid(
 
 
 def save_loss_curve(curves: dict[str, Sequence[float]], path: str | Path, every: int = 10) -> None:
-    """Loss per `every` steps, one line per named curve, log scale."""
+    """Loss per `every` train steps, one line per named curve, log scale."""
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     for name, losses in curves.items():
         ax.plot([every * (i + 1) for i in range(len(losses))], losses, label=name)
-    ax.set(xlabel="step", ylabel="MSE loss", yscale="log")
+    ax.set(xlabel="train step", ylabel="loss", yscale="log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def scale_grid_noise(num_classes: int, n_per_class: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
-    """(R, K, C, H, W) starting noise: one x_T per (class, column), shared by every scale."""
-    return torch.randn(num_classes, n_per_class, *shape, generator=torch.Generator().manual_seed(seed))
-
-
-def sample_scale_grid(pipe, scales: Sequence[float], n_per_class: int = 1, num_steps: int = 50, seed: int = 0,
-                      progress: bool = False, **variants) -> torch.Tensor:  # fmt: skip
-    """Sample every (class, scale, column) in one batch -> (R, S, K, C, H, W), same x_T along a row.
-
-    `variants` are the Pipeline's guidance keyword arguments (negative_labels as one id)."""
-    R, S, K = pipe.num_classes, len(scales), n_per_class
-    x_T = scale_grid_noise(R, K, (pipe.channels, pipe.image_size, pipe.image_size), seed)  # (R, K, C, H, W)
-    x_T = x_T[:, None].expand(R, S, *x_T.shape[1:]).reshape(R * S * K, *x_T.shape[2:])  # (R*S*K, C, H, W)
-    labels = torch.arange(R).repeat_interleave(S * K)  # (R*S*K,)
-    scale = torch.tensor(scales, dtype=torch.float32).repeat_interleave(K).repeat(R)  # (R*S*K,)
-    images = pipe(labels, scale, num_steps=num_steps, x_T=x_T, progress=progress, **variants)
-    return images.reshape(R, S, K, *images.shape[1:]).cpu()
 
 
 def plot_guidance_sweep(metrics: dict, path: str | Path) -> None:
@@ -104,7 +87,8 @@ def plot_guidance_sweep(metrics: dict, path: str | Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    steps = f"{metrics['num_steps']} DDIM steps" if metrics["num_steps"] else "each model's own DDIM steps"
+    steps = metrics["sampling_steps"]
+    steps = f"{steps} DDIM sampling steps" if steps else "each model's own DDIM sampling steps"
     fig.suptitle(f"{metrics['dataset']}: {metrics['n']} samples per point, {steps}")
     fig.tight_layout()
     fig.savefig(path)

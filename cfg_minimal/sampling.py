@@ -2,14 +2,14 @@
 
     images = load_pipeline("runs/digits/teacher.pt")(labels=[3, 3, 7], guidance_scale=3.0)
 
-Sampling is deterministic given a CPU `torch.Generator` (or `x_T`): the starting noise and any
-DDPM noise are drawn from it on the CPU, so the same seed gives the same images on any device.
+Sampling is deterministic given a CPU `torch.Generator` (or `x_T`): the starting noise
+(`Pipeline.initial_noise`, the one place it is drawn) and any DDPM noise come from it on the CPU.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +18,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import UserError
-from .guidance import as_scale_tensor, guided_noise_pred
+from .guidance import guided_noise_pred
 from .models import DiffusionModel
 from .schedulers import SCHEDULERS, DDIMScheduler, DDPMScheduler
+
+DEFAULT_SAMPLING_STEPS = 50  # what num_steps defaults to, unless a checkpoint was step-distilled
+# callback(i, t, x, x0_pred) after sampling step i at timestep t: the new sample and the predicted x_0
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 @torch.no_grad()
@@ -34,21 +38,27 @@ def sample_loop(
     generator: torch.Generator | None = None,
     batched: bool = True,
     progress: bool = False,
+    callback: StepCallback | None = None,
     **variants,
 ) -> torch.Tensor:
-    """x_T (B, C, H, W) -> x_0 (B, C, H, W): at each timestep, eps = guided_noise_pred, then step.
+    """x_T (B, C, H, W) -> x_0 (B, C, H, W): at each of `num_steps` timesteps, eps = guided_noise_pred, then step.
 
-    `variants` (negative_labels, rescale, interval) go to guided_noise_pred unchanged."""
+    `callback(i, t, x, x0_pred)`, if given, runs after sampling step i (at timestep t) with the new
+    sample x (B, C, H, W) and the step's predicted x_0: watch an image form. After the last step x
+    is the returned image. `variants` (negative_labels, rescale, interval) go to guided_noise_pred."""
     scheduler.set_timesteps(num_steps)
     # DDIM: re-derive eps from the clipped x_0 (as GLIDE and Imagen do). A guided eps at s > 1 often
     # implies an x_0 far outside [-1, 1]; clipping x_0 but keeping that eps in the direction term
     # makes the step inconsistent, and samples at s >= 3 turn to noise.
     step_kwargs = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
     x = x_T
-    for t in tqdm(scheduler.timesteps.tolist(), desc="sampling", disable=not progress, leave=False):
+    for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="sampling", disable=not progress, leave=False)):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
         eps = guided_noise_pred(model, x, t_batch, labels, guidance_scale, batched, **variants)  # (B, C, H, W)
-        x = scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+        out = scheduler.step(eps, t, x, generator=generator, **step_kwargs)
+        x = out.prev_sample  # (B, C, H, W)
+        if callback is not None:
+            callback(i, t, x, out.pred_original_sample)
     return x
 
 
@@ -78,7 +88,7 @@ class Pipeline:
     image_size: int
     channels: int
     class_names: tuple[str, ...]
-    default_steps: int = 50
+    sampling_steps: int = DEFAULT_SAMPLING_STEPS  # what num_steps defaults to: a step-distilled student's own
     guidance_range: tuple[float, float] | None = None  # a student's trained range of s
 
     @property
@@ -97,6 +107,12 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def initial_noise(self, n: int, rng: int | torch.Generator | None = None) -> torch.Tensor:
+        """x_T (n, C, H, W) ~ N(0, I), drawn on the CPU from `rng` (a seed or a CPU generator), so that
+        a seed gives the same noise, and hence the same images, on every device."""
+        generator = torch.Generator().manual_seed(rng) if isinstance(rng, int) else rng
+        return torch.randn(n, self.channels, self.image_size, self.image_size, generator=generator)
+
     def __call__(
         self,
         labels: Sequence[int] | torch.Tensor,
@@ -109,42 +125,53 @@ class Pipeline:
         negative_labels: Sequence[int] | int | torch.Tensor | None = None,
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[int, int] | None = None,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """Sample one image per label at scale s (a float or a (B,) tensor) -> (B, C, H, W) in [-1, 1].
 
         Guidance variants (see guidance.guided_noise_pred): `negative_labels` (one id for all, or one per
         label) replace the null label in the unconditional pass; `guidance_rescale` is phi in [0, 1];
-        `guidance_interval` = (t_lo, t_hi) guides only at timesteps t_lo <= t <= t_hi."""
+        `guidance_interval` = (t_lo, t_hi) guides only at timesteps t_lo <= t <= t_hi. `callback`: see
+        sample_loop. The scale is checked by guided_noise_pred, where it is used."""
         labels = check_labels(labels, self.num_classes).to(self.device)  # (B,)
         variants = self._check_variants(len(labels), negative_labels, guidance_rescale, guidance_interval)
-        try:
-            scale = as_scale_tensor(guidance_scale, len(labels), self.device)  # (B,)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        num_steps = self.default_steps if num_steps is None else num_steps
+        num_steps = self.sampling_steps if num_steps is None else num_steps
+        self._check_num_steps(num_steps)
+        self._warn_outside_range(guidance_scale)
+        shape = (len(labels), self.channels, self.image_size, self.image_size)
+        if x_T is None:
+            x_T = self.initial_noise(len(labels), generator)
+        elif tuple(x_T.shape) != shape:
+            raise UserError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+        if isinstance(guidance_scale, torch.Tensor):
+            guidance_scale = guidance_scale.to(self.device)  # once, not at every step
+        return sample_loop(self.model, self.scheduler, x_T.to(self.device), labels, guidance_scale, num_steps,
+                           generator, batched, progress, callback, **variants)  # fmt: skip
+
+    def _check_num_steps(self, num_steps: int) -> None:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise UserError(f"num_steps must be a positive integer, got {num_steps!r}")
         if num_steps > self.scheduler.num_train_timesteps:
             raise UserError(f"num_steps must be at most {self.scheduler.num_train_timesteps} (the training timesteps)")
         base = self.scheduler.aligned_base
         if self.scheduler.timestep_spacing == "aligned" and base % num_steps:
-            raise UserError(f"this model was step-distilled on a grid of {base} steps halved: num_steps must "
-                            f"divide {base} (it was trained for {self.default_steps}), got {num_steps}")  # fmt: skip
-        if self.guidance_range is not None:
-            lo, hi = self.guidance_range
-            if float(scale.min()) < lo or float(scale.max()) > hi:
-                warnings.warn(
-                    f"guidance scale outside the student's trained range [{lo:g}, {hi:g}]: it was never taught "
-                    "these scales, so expect it to drift from its teacher",
-                    stacklevel=2,
-                )
-        shape = (len(labels), self.channels, self.image_size, self.image_size)
-        if x_T is None:
-            x_T = torch.randn(shape, generator=generator)
-        elif tuple(x_T.shape) != shape:
-            raise UserError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-        return sample_loop(self.model, self.scheduler, x_T.to(self.device), labels, scale, num_steps,
-                           generator, batched, progress, **variants)  # fmt: skip
+            raise UserError(
+                f"this model was step-distilled on a grid of {base} sampling steps halved: num_steps must "
+                f"divide {base} (it was trained for {self.sampling_steps}), got {num_steps}"
+            )
+
+    def _warn_outside_range(self, scale: float | torch.Tensor) -> None:
+        """A student was taught s in its guidance_range only; beyond it, it extrapolates."""
+        if self.guidance_range is None or not isinstance(scale, (int, float, torch.Tensor)):
+            return  # a teacher, or a scale that guided_noise_pred will refuse
+        lo, hi = self.guidance_range
+        s = torch.as_tensor(scale)
+        if bool(((s < lo) | (s > hi)).any()):
+            warnings.warn(
+                f"guidance scale outside the student's trained range [{lo:g}, {hi:g}]: it was never taught "
+                "these scales, so expect it to drift from its teacher",
+                stacklevel=3,
+            )
 
     def _check_variants(
         self,
@@ -160,20 +187,10 @@ class Pipeline:
             negative = check_labels(negative.expand(batch_size) if negative.ndim == 0 else negative, self.num_classes)
             if len(negative) != batch_size:
                 raise UserError(f"negative_labels must be one id or one per label ({batch_size}), got {len(negative)}")
-            if self.is_student and (negative != self.null_class).any():
-                raise UserError(
-                    "a guidance-distilled student cannot do negative-class guidance: its one pass has no "
-                    "unconditional prediction to replace. Sample with its teacher instead"
-                )
             variants["negative_labels"] = negative.to(self.device)
         if isinstance(rescale, bool) or not (isinstance(rescale, (int, float)) and 0.0 <= rescale <= 1.0):
             raise UserError(f"guidance_rescale must be a number in [0, 1] (0 is plain CFG), got {rescale!r}")
         if rescale:
-            if self.is_student:
-                raise UserError(
-                    "guidance rescale needs the conditional prediction eps_c, which a guidance-distilled "
-                    "student does not compute; sample with its teacher instead"
-                )
             variants["rescale"] = float(rescale)
         if interval is not None:
             pair = isinstance(interval, (tuple, list)) and len(interval) == 2
@@ -181,6 +198,27 @@ class Pipeline:
                 raise UserError(f"guidance_interval must be timesteps (t_lo, t_hi), 0 <= t_lo <= t_hi: {interval!r}")
             variants["interval"] = tuple(interval)
         return variants
+
+
+def sample_scale_grid(
+    pipe: Pipeline,
+    scales: Sequence[float],
+    n_per_class: int = 1,
+    num_steps: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **variants,
+) -> torch.Tensor:
+    """Sample every (class, scale, column) in one batch -> (R, S, K, C, H, W), the same x_T along a row.
+
+    `variants` are the Pipeline's guidance keyword arguments (negative_labels as one id)."""
+    R, S, K = pipe.num_classes, len(scales), n_per_class
+    x_T = pipe.initial_noise(R * K, seed).view(R, K, pipe.channels, pipe.image_size, pipe.image_size)
+    x_T = x_T[:, None].expand(R, S, *x_T.shape[1:]).reshape(R * S * K, *x_T.shape[2:])  # (R*S*K, C, H, W)
+    labels = torch.arange(R).repeat_interleave(S * K)  # (R*S*K,)
+    scale = torch.tensor(scales, dtype=torch.float32).repeat_interleave(K).repeat(R)  # (R*S*K,)
+    images = pipe(labels, scale, num_steps=num_steps, x_T=x_T, progress=progress, **variants)
+    return images.reshape(R, S, K, *images.shape[1:]).cpu()
 
 
 def load_pipeline(
@@ -198,6 +236,6 @@ def load_pipeline(
         image_size=ckpt["image_size"],
         channels=ckpt["channels"],
         class_names=tuple(ckpt["class_names"]),
-        default_steps=ckpt.get("sampling_steps", 50),
+        sampling_steps=ckpt.get("sampling_steps", DEFAULT_SAMPLING_STEPS),
         guidance_range=tuple(guidance_range) if guidance_range is not None else None,
     )

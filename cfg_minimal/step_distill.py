@@ -1,6 +1,6 @@
 """Step distillation of the guided student (Salimans & Ho 2022; Meng et al. 2023, stage two).
 
-Each round halves the number of DDIM steps. A new student, initialised from the previous model,
+Each round halves the number of DDIM sampling steps. A new student, initialised from the previous model,
 learns to cover in one step what the previous model covers in two, at random guidance scales s:
 
     previous model:  z_t --DDIM--> z_t' --DDIM--> z_t''    (t, t', t'': points of the n-step grid)
@@ -10,56 +10,53 @@ A DDIM step (eta = 0) is affine in the x_0 it predicts, so exactly one x_0 lands
 model's z_t'': Salimans & Ho's target x~ (their Algorithm 2, `ddim_x0_target`). The student keeps
 predicting eps; its implied x_0 is regressed on x~ (`step_distillation_loss`). Both grids use the
 'aligned' spacing (schedulers.py), so the n/2-step grid is every other point of the n-step grid.
-The checkpoint records its step count and spacing: `load_pipeline` samples with the steps it was trained for.
+The checkpoint records its sampling steps and spacing: `load_pipeline` samples with the steps it was trained for.
+A round is one call of loop.fit, starting from the previous model's EMA weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import distributed
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import load_dataset
+from .checkpoint import dataset_metadata, load_checkpoint, model_from_checkpoint
+from .data import ImageData, load_dataset
 from .distill import DistillConfig, sample_scales
 from .errors import UserError
 from .guidance import guided_noise_pred
+from .loop import LossFn, OptimConfig, fit, stored_config
 from .models import DiffusionModel
 from .schedulers import DDIMScheduler
-from .train import fit, pick_device
 
 
 @dataclass
 class StepDistillConfig:
-    start_steps: int | None = None  # what the first round halves; None: the checkpoint's, else 64
-    target_steps: int = 8
-    round_steps: int = 600  # training steps per round
-    batch_size: int = 64
-    lr: float = 5e-4
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    ema_decay: float = 0.995
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 500
+    start_sampling_steps: int | None = None  # what the first round halves; None: the checkpoint's, else 64
+    target_sampling_steps: int = 8
     data_dir: str = "./data"
+    optim: OptimConfig = field(  # per round: each round trains max_train_steps (never None here)
+        default_factory=lambda: OptimConfig(
+            max_train_steps=600, batch_size=64, lr=5e-4, warmup_steps=20, ema_decay=0.995
+        )
+    )
 
 
-def round_sizes(start_steps: int, target_steps: int) -> list[int]:
-    """[start/2, start/4, ..., target]: the step count of each round's student."""
-    if not 1 <= target_steps < start_steps:
-        raise UserError(f"--target-steps must be at least 1 and below the {start_steps} steps it starts from, "
-                        f"got {target_steps}")  # fmt: skip
-    sizes, n = [], start_steps
-    while n > target_steps and n % 2 == 0:
+def round_sizes(start: int, target: int) -> list[int]:
+    """[start/2, start/4, ..., target]: the sampling steps of each round's student."""
+    if not 1 <= target < start:
+        raise UserError(f"--target-sampling-steps must be at least 1 and below the {start} sampling steps it "
+                        f"starts from, got {target}")  # fmt: skip
+    sizes, n = [], start
+    while n > target and n % 2 == 0:
         n //= 2
         sizes.append(n)
-    if n != target_steps:
+    if n != target:
         raise UserError(
-            f"--target-steps {target_steps} is not reached by halving --start-steps {start_steps}; "
+            f"--target-sampling-steps {target} is not reached by halving --start-sampling-steps {start}; "
             "pick a start that is the target times a power of two (e.g. 64 and 8)"
         )
     return sizes
@@ -99,7 +96,7 @@ def two_step_target(
 
 def step_distillation_loss(
     previous: DiffusionModel, scheduler_config: dict, n_previous: int, scales: DistillConfig
-) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+) -> LossFn:
     """max(SNR_t, 1) || clip(x_0 of the student) - x~ ||^2, at a random point t of the halved grid per sample.
 
     The weight is Salimans & Ho's "truncated SNR" (an eps-MSE where SNR > 1, an x_0-MSE where noise
@@ -130,56 +127,60 @@ def step_distillation_loss(
     return loss_fn
 
 
-# The metadata a round's checkpoint inherits from the model it halves (everything but training state).
-CARRIED = ("kind", "dataset", "image_size", "channels", "num_classes", "class_names", "model_config",
-           "guidance_range", "distill_config", "teacher_train_config")  # fmt: skip
+# What a round's checkpoint inherits from the model it halves, besides DATASET_KEYS (not the training state).
+CARRIED = ("kind", "model_config", "guidance_range", "distill_config", "teacher_config")
 
 
-def distill_steps(
+def halve_sampling_steps(
     student_path: str | Path, cfg: StepDistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
 ) -> list[Path]:
-    """Halve a guided student's steps round by round; writes OUT_DIR/student_{n}steps.pt per round.
+    """Halve a guided student's sampling steps round by round; writes OUT_DIR/student_{n}steps.pt per round.
 
-    The first round halves `cfg.start_steps`, or the step count the checkpoint was distilled to."""
-    previous_ckpt = load_checkpoint(student_path, kind="student")
-    trained_for = previous_ckpt.get("sampling_steps")  # set when the checkpoint is already step-distilled
-    if trained_for is not None and cfg.start_steps not in (None, trained_for):
-        raise UserError(f"{str(student_path)!r} was step-distilled to {trained_for} steps; "
-                        f"--start-steps must be {trained_for} (or left out)")  # fmt: skip
-    n_previous = cfg.start_steps or trained_for or 64
-    sizes = round_sizes(n_previous, cfg.target_steps)
-    if previous_ckpt["scheduler_config"].get("timestep_spacing") != "aligned":  # the guided student: grid of n_previous
-        previous_ckpt["scheduler_config"] = {**previous_ckpt["scheduler_config"], "timestep_spacing": "aligned",
-                                             "aligned_base": n_previous}  # fmt: skip
-    device = pick_device(cfg.device)
+    The first round halves `cfg.start_sampling_steps`, or the sampling steps the checkpoint was distilled to."""
+    previous = load_checkpoint(student_path, kind="student")
+    trained_for = previous.get("sampling_steps")  # set when the checkpoint is already step-distilled
+    if trained_for is not None and cfg.start_sampling_steps not in (None, trained_for):
+        raise UserError(f"{str(student_path)!r} was step-distilled to {trained_for} sampling steps; "
+                        f"--start-sampling-steps must be {trained_for} (or left out)")  # fmt: skip
+    n_previous = cfg.start_sampling_steps or trained_for or 64
+    sizes = round_sizes(n_previous, cfg.target_sampling_steps)
+    if previous["scheduler_config"].get("timestep_spacing") != "aligned":  # the guided student: grid of n_previous
+        previous["scheduler_config"] = {**previous["scheduler_config"], "timestep_spacing": "aligned",
+                                        "aligned_base": n_previous}  # fmt: skip
     with distributed.main_first():  # under torchrun rank 0 downloads, the others then read its copy
-        data = load_dataset(previous_ckpt["dataset"], cfg.data_dir, train=True)
-    lo, hi = previous_ckpt["guidance_range"]
-    scales = DistillConfig(**{**previous_ckpt["distill_config"], "s_min": lo, "s_max": hi})
+        data = load_dataset(previous["dataset"], cfg.data_dir, train=True)
     paths = []
     for n in sizes:
         path = Path(out_dir) / f"student_{n}steps.pt"
         resume_from = load_checkpoint(path, kind="student") if resume and path.exists() else None
-        round_cfg = cfg  # a resumed round keeps the settings it was started with
-        if resume_from is not None:
-            round_cfg = StepDistillConfig(**{**resume_from["step_distill_config"], "device": cfg.device})
-        if resume_from is None or resume_from["step"] < resume_from["total_steps"]:
-            torch.manual_seed(round_cfg.seed + n)
-            previous = model_from_checkpoint(previous_ckpt, "ema").to(device).requires_grad_(False)
-            metadata = {key: previous_ckpt[key] for key in CARRIED if key in previous_ckpt}
-            metadata.update(
-                scheduler_config=previous_ckpt["scheduler_config"], sampling_steps=n,
-                step_distill_config=asdict(round_cfg),
-                step_rounds=[*previous_ckpt.get("step_rounds", []), dict(from_steps=n_previous, to_steps=n)],
-            )  # fmt: skip
-            loss_fn = step_distillation_loss(previous, metadata["scheduler_config"], n_previous, scales)
-            fit(
-                model_from_checkpoint(previous_ckpt, "ema"), loss_fn, data, path, metadata,
-                steps=round_cfg.round_steps, batch_size=round_cfg.batch_size, lr=round_cfg.lr,
-                warmup_steps=round_cfg.warmup_steps, weight_decay=0.0, grad_clip=round_cfg.grad_clip,
-                ema_decay=round_cfg.ema_decay, device=device, checkpoint_every=round_cfg.checkpoint_every,
-                resume_from=resume_from, progress=progress, seed=round_cfg.seed,
-            )  # fmt: skip
-        previous_ckpt, n_previous = load_checkpoint(path, kind="student"), n
+        if resume_from is None or resume_from["train_step"] < resume_from["max_train_steps"]:
+            distill_round(previous, n_previous, n, cfg, data, path, resume_from, progress)
+        previous, n_previous = load_checkpoint(path, kind="student"), n
         paths.append(path)
     return paths
+
+
+def distill_round(
+    previous: dict[str, Any],
+    n_previous: int,
+    n: int,
+    cfg: StepDistillConfig,
+    data: ImageData,
+    path: Path,
+    resume_from: dict[str, Any] | None,
+    progress: bool,
+) -> None:
+    """One round: a copy of the previous checkpoint's EMA model learns to sample in n = n_previous / 2 steps."""
+    if resume_from is not None:  # a resumed round keeps the settings it was started with
+        cfg = stored_config(StepDistillConfig, resume_from["step_distill_config"], cfg.optim.device)
+    torch.manual_seed(cfg.optim.seed + n)
+    device = distributed.pick_device(cfg.optim.device)
+    previous_model = model_from_checkpoint(previous, "ema").to(device).requires_grad_(False)
+    scales = stored_config(DistillConfig, previous["distill_config"], cfg.optim.device)  # s as the student learnt it
+    metadata = dict(
+        **dataset_metadata(previous), **{key: previous[key] for key in CARRIED if key in previous},
+        sampling_steps=n, step_distill_config=asdict(cfg),
+        step_rounds=[*previous.get("step_rounds", []), dict(from_sampling_steps=n_previous, to_sampling_steps=n)],
+    )  # fmt: skip
+    loss_fn = step_distillation_loss(previous_model, previous["scheduler_config"], n_previous, scales)
+    fit(model_from_checkpoint(previous, "ema"), loss_fn, data, path, metadata, cfg.optim, resume_from, progress)

@@ -2,9 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT
 
-1. teacher A: STEPS steps straight through, recording each rank's first batch and first (local) loss;
-2. teacher B: the same run, but rank 1 alone gets SIGTERM during step 3; then it resumes to STEPS;
-3. a student distilled from A for a few steps.
+1. teacher A: STEPS train steps straight through, recording each rank's first batch and first (local) loss;
+2. teacher B: the same run, but rank 1 alone gets SIGTERM during train step 3; then it resumes to STEPS;
+3. a student distilled from A for a few train steps.
 Each rank writes OUT/rank{r}.pt with its final weights of every run; rank 0's fit also writes the
 checkpoints in OUT/a and OUT/b, as in any run.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import cfg_minimal.train as train
-from cfg_minimal import TrainConfig, distributed, load_checkpoint, train_teacher
+from cfg_minimal import TeacherConfig, distributed, load_checkpoint, train_teacher, with_optim
 from cfg_minimal.distill import DistillConfig, distill_student
 
-STEPS, BATCH, SIGTERM_AT = 10, 4, 2  # SIGTERM_AT: 0-based step during which rank 1 is signalled
+STEPS, BATCH, SIGTERM_AT = 10, 4, 2  # SIGTERM_AT: 0-based train step during which rank 1 is signalled
 diffusion_loss = train.diffusion_loss
 
 
@@ -49,8 +49,8 @@ def recording_loss(record: dict, signal_at: int | None):
 def main() -> None:
     out = Path(sys.argv[1])
     distributed.init("cpu")
-    cfg = TrainConfig(arch="unet-tiny", steps=STEPS, batch_size=BATCH, lr=3e-3, warmup_steps=2, device="cpu",
-                      checkpoint_every=1000)  # fmt: skip
+    cfg = with_optim(TeacherConfig(arch="unet-tiny"), max_train_steps=STEPS, batch_size=BATCH, lr=3e-3, warmup_steps=2,
+                     device="cpu", checkpoint_every=1000)  # fmt: skip
     dump: dict = {}
 
     train.diffusion_loss = recording_loss(dump, signal_at=None)
@@ -62,13 +62,13 @@ def main() -> None:
         train_teacher(cfg, out / "b", progress=False)
         raise AssertionError("run B was not interrupted")
     except KeyboardInterrupt:
-        dump["b_stopped_at"] = load_checkpoint(out / "b" / "teacher.pt")["step"]
+        dump["b_stopped_at"] = load_checkpoint(out / "b" / "teacher.pt")["train_step"]
     train.diffusion_loss = diffusion_loss
     b = train_teacher(cfg, out / "b", resume=True, progress=False)
     dump.update(b_model=b.model.state_dict(), b_ema=b.ema.state_dict())
 
-    s = distill_student(out / "a" / "teacher.pt", DistillConfig(steps=3, batch_size=BATCH, device="cpu"), out / "a",
-                        progress=False)  # fmt: skip
+    student_cfg = with_optim(DistillConfig(), max_train_steps=3, batch_size=BATCH, device="cpu")
+    s = distill_student(out / "a" / "teacher.pt", student_cfg, out / "a", progress=False)
     dump.update(student_model=s.model.state_dict(), student_ema=s.ema.state_dict())
     torch.save(dump, out / f"rank{distributed.rank()}.pt")
     distributed.cleanup()

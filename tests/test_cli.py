@@ -14,9 +14,9 @@ from PIL import Image
 
 from cfg_minimal import load_checkpoint
 
-TINY = ["--arch", "unet-tiny", "--teacher-steps", "40", "--distill-steps", "20", "--batch-size", "16",
-        "--distill-batch-size", "16", "--sample-steps", "4", "--eval-n", "20", "--device", "cpu",
-        "--no-progress"]  # fmt: skip
+TINY = ["--arch", "unet-tiny", "--teacher-train-steps", "40", "--distill-train-steps", "20", "--teacher-batch-size",
+        "16", "--distill-batch-size", "16", "--round-batch-size", "16", "--sampling-steps", "4", "--eval-n", "20",
+        "--device", "cpu", "--no-progress"]  # fmt: skip
 
 
 def run(script: str, *args: str, cache=None) -> subprocess.CompletedProcess:
@@ -37,8 +37,8 @@ def test_train_writes_every_file(run_dir):
     for name in ["teacher.pt", "student.pt", "samples_teacher.png", "samples_student.png", "samples_compare.png",
                  "metrics.json", "guidance_sweep.png", "samples_by_scale.png", "loss.png"]:  # fmt: skip
         assert (run_dir / name).stat().st_size > 0, name
-    assert load_checkpoint(run_dir / "teacher.pt", kind="teacher")["step"] == 40
-    assert load_checkpoint(run_dir / "student.pt", kind="student")["step"] == 20
+    assert load_checkpoint(run_dir / "teacher.pt", kind="teacher")["train_step"] == 40
+    assert load_checkpoint(run_dir / "student.pt", kind="student")["train_step"] == 20
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [row["scale"] for row in metrics["student_vs_teacher"]] == [0, 1, 2, 3, 5]
     assert set(metrics["models"]) == {"teacher", "student"}
@@ -47,8 +47,8 @@ def test_train_writes_every_file(run_dir):
 @pytest.mark.parametrize("ckpt", ["teacher.pt", "student.pt"])
 def test_sample_reads_either_checkpoint(run_dir, ckpt, tmp_path):
     out = tmp_path / "grid.png"
-    result = run("sample.py", str(run_dir / ckpt), "--scales", "0", "1", "3", "--n-per-class", "2", "--steps", "3",
-                 "--out", str(out), "--device", "cpu")  # fmt: skip
+    result = run("sample.py", str(run_dir / ckpt), "--scales", "0", "1", "3", "--n-per-class", "2",
+                 "--sampling-steps", "3", "--out", str(out), "--device", "cpu")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size[0] > 100
 
@@ -59,7 +59,17 @@ def test_sample_flags_reach_the_sampler(run_dir, tmp_path, monkeypatch):
 
     grids = {}
     monkeypatch.setattr(sample, "save_scale_grid", lambda grid, *args, **kwargs: grids.setdefault(len(grids), grid))
-    common = [str(run_dir / "teacher.pt"), "--scales", "3", "--n-per-class", "1", "--steps", "3", "--device", "cpu"]
+    common = [
+        str(run_dir / "teacher.pt"),
+        "--scales",
+        "3",
+        "--n-per-class",
+        "1",
+        "--sampling-steps",
+        "3",
+        "--device",
+        "cpu",
+    ]
     variants = [[], ["--negative-label", "10"], ["--negative-label", "1"], ["--guidance-rescale", "0.7"],
                 ["--guidance-interval", "0", "400"]]  # fmt: skip
     for flags in variants:
@@ -70,21 +80,21 @@ def test_sample_flags_reach_the_sampler(run_dir, tmp_path, monkeypatch):
 
 
 def test_step_distillation_stage_writes_each_round_and_measures_it(run_dir, tmp_path):
-    result = run("train_mnist.py", "--stage", "steps", "--student", str(run_dir / "student.pt"), "--teacher",
-                 str(run_dir / "teacher.pt"), "--start-steps", "8", "--target-steps", "2", "--round-steps", "3",
-                 "--out", str(tmp_path), *TINY, cache=run_dir / "cache")  # fmt: skip
+    result = run("train_mnist.py", "--stage", "step-distill", "--student", str(run_dir / "student.pt"), "--teacher",
+                 str(run_dir / "teacher.pt"), "--start-sampling-steps", "8", "--target-sampling-steps", "2",
+                 "--round-train-steps", "3", "--out", str(tmp_path), *TINY, cache=run_dir / "cache")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(tmp_path / "student_2steps.pt", kind="student")["sampling_steps"] == 2
-    metrics = json.loads((tmp_path / "steps" / "metrics.json").read_text())
-    steps = {name: model["per_scale"][0]["steps"] for name, model in metrics["models"].items()}
+    metrics = json.loads((tmp_path / "step_distill" / "metrics.json").read_text())
+    steps = {name: model["per_scale"][0]["sampling_steps"] for name, model in metrics["models"].items()}
     assert steps == {"teacher 64 steps": 64, "student 4 steps": 4, "student 2 steps": 2}
-    for name in ("samples_student_2_steps.png", "samples_student_4_steps.png", "loss_steps.png"):
+    for name in ("samples_student_2_steps.png", "samples_student_4_steps.png", "loss_step_distill.png"):
         assert (tmp_path / name).stat().st_size > 0, name
 
 
 def test_evaluate_sweep_writes_every_scale_and_model(run_dir, tmp_path):
     result = run("cfg_minimal.evaluate", "--ckpt", str(run_dir / "teacher.pt"), "--ckpt", str(run_dir / "student.pt"),
-                 "--scales", "0", "2", "4", "--n", "20", "--steps", "3", "--out", str(tmp_path),
+                 "--scales", "0", "2", "4", "--n", "20", "--sampling-steps", "3", "--out", str(tmp_path),
                  "--device", "cpu", cache=run_dir / "cache")  # fmt: skip
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -101,18 +111,18 @@ def test_evaluate_sweep_writes_every_scale_and_model(run_dir, tmp_path):
     [
         ("train_mnist.py", ["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
         ("train_mnist.py", ["--arch", "resnet"], "invalid choice: 'resnet'"),
-        ("train_mnist.py", ["--teacher-steps", "0"], "--teacher-steps must be a positive integer"),
+        ("train_mnist.py", ["--teacher-train-steps", "0"], "--teacher-train-steps must be a positive integer"),
         ("train_mnist.py", ["--p-uncond", "1.5"], "--p-uncond must be in [0, 1)"),
         ("train_mnist.py", ["--out", "/proc/forbidden"], "cannot write to --out"),
         ("train_mnist.py", ["--stage", "distill", "--teacher", "missing.pt", "--out", "{tmp}"], "does not exist"),
         ("sample.py", ["missing.pt"], "does not exist"),
-        ("train_mnist.py", ["--stage", "steps", "--student", "{run}/student.pt", "--target-steps", "5",
-                            "--out", "{tmp}"], "not reached by halving"),
-        ("train_mnist.py", ["--stage", "steps", "--student", "{run}/teacher.pt", "--out", "{tmp}"],
+        ("train_mnist.py", ["--stage", "step-distill", "--student", "{run}/student.pt", "--target-sampling-steps",
+                            "5", "--out", "{tmp}"], "not reached by halving"),
+        ("train_mnist.py", ["--stage", "step-distill", "--student", "{run}/teacher.pt", "--out", "{tmp}"],
          "is a teacher checkpoint, but a student is needed"),
         ("sample.py", ["{run}/teacher.pt", "--scales", "nan"], "--scales must be finite"),
-        ("sample.py", ["{run}/teacher.pt", "--steps", "0"], "--steps must be a positive integer"),
-        ("sample.py", ["{run}/teacher.pt", "--steps", "5000"], "at most 1000"),
+        ("sample.py", ["{run}/teacher.pt", "--sampling-steps", "0"], "--sampling-steps must be a positive integer"),
+        ("sample.py", ["{run}/teacher.pt", "--sampling-steps", "5000"], "at most 1000"),
         ("sample.py", ["{run}/samples_teacher.png"], "not a readable checkpoint"),
         ("sample.py", ["{run}/student.pt", "--negative-label", "1"], "cannot do negative-class guidance"),
         ("sample.py", ["{run}/teacher.pt", "--guidance-rescale", "2"], "guidance_rescale must be a number in [0, 1]"),
@@ -134,3 +144,35 @@ def test_failed_download_names_the_fixes(tmp_path):
     assert result.returncode == 2
     assert "--data-dir" in result.stderr and "--dataset digits" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_each_flag_sets_exactly_the_config_fields_it_names():
+    """train_mnist's flag table against the config dataclasses: a changed flag changes its fields and no other."""
+    from dataclasses import asdict
+
+    import train_mnist
+
+    def flat(configs) -> dict:
+        return {f"{stage}.{k}": v for stage, cfg in configs.items() for k, v in _flatten(asdict(cfg)).items()}
+
+    defaults = flat(train_mnist.configs_from(train_mnist.parse_args([])))
+    for flag, targets, kwargs in train_mnist.CONFIG_FLAGS:
+        default = defaults[targets[0]]
+        if "choices" in kwargs:
+            value = next(c for c in kwargs["choices"] if c != default)
+        elif isinstance(default, float):
+            value = default + 0.25
+        elif default is None or isinstance(default, int):
+            value = (default or 0) + 2
+        else:
+            value = "cpu" if flag == "--device" else "elsewhere"
+        changed = flat(train_mnist.configs_from(train_mnist.parse_args([flag, str(value)])))
+        assert {k for k in defaults if changed[k] != defaults[k]} == set(targets), flag
+        assert all(changed[t] == value for t in targets), flag
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_ARCHS
 
-from cfg_minimal import TrainConfig, UserError, load_pipeline, train_teacher
+from cfg_minimal import TeacherConfig, UserError, load_pipeline, train_teacher, with_optim
 from cfg_minimal.distill import DistillConfig, distill_student, sample_scales
 from cfg_minimal.guidance import guided_noise_pred
 from cfg_minimal.schedulers import DDPMScheduler
@@ -16,11 +16,11 @@ HELD_OUT_SCALES = [0.0, 1.0, 3.0, 5.0]
 
 @pytest.fixture(scope="module", params=TINY_ARCHS)
 def tiny_run(request, tmp_path_factory):
-    """A tiny teacher (150 steps) and its student (500 distillation steps), on digits."""
+    """A tiny teacher (150 train steps) and its student (500 distillation train steps), on digits."""
     out = tmp_path_factory.mktemp(request.param)
-    cfg = TrainConfig(arch=request.param, steps=150, batch_size=32, lr=3e-3, device="cpu")
+    cfg = with_optim(TeacherConfig(arch=request.param), max_train_steps=150, batch_size=32, lr=3e-3, device="cpu")
     train_teacher(cfg, out, progress=False)
-    student_cfg = DistillConfig(steps=500, batch_size=32, lr=3e-3, device="cpu")
+    student_cfg = with_optim(DistillConfig(), max_train_steps=500, batch_size=32, lr=3e-3, device="cpu")
     distill_student(out / "teacher.pt", student_cfg, out, progress=False)
     return out
 
@@ -79,6 +79,8 @@ def test_student_pipeline_uses_one_pass_and_warns_outside_its_range(tiny_run):
 
 def test_distilling_a_student_or_a_bad_range_fails_clearly(tiny_run, tmp_path):
     with pytest.raises(UserError, match="is a student checkpoint, but a teacher is needed"):
-        distill_student(tiny_run / "student.pt", DistillConfig(steps=1), tmp_path, progress=False)
+        distill_student(
+            tiny_run / "student.pt", with_optim(DistillConfig(), max_train_steps=1), tmp_path, progress=False
+        )
     with pytest.raises(UserError, match="s_min <= 1 <= s_max"):
-        distill_student(tiny_run / "teacher.pt", DistillConfig(steps=1, s_min=2.0), tmp_path, progress=False)
+        distill_student(tiny_run / "teacher.pt", DistillConfig(s_min=2.0), tmp_path, progress=False)

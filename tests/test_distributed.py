@@ -67,18 +67,18 @@ def test_each_rank_trains_on_its_own_half_of_one_global_batch(ranks):
 
 def test_a_signal_to_one_rank_stops_both_and_the_resumed_run_is_exact(ranks):
     _, (r0, r1) = ranks
-    assert r0["b_stopped_at"] == r1["b_stopped_at"] == SIGTERM_AT + 1  # the step in flight finishes, then all stop
+    assert r0["b_stopped_at"] == r1["b_stopped_at"] == SIGTERM_AT + 1  # the train step in flight ends, then all stop
     for r in (r0, r1):
         assert_same(r["b_model"], r["a_model"])  # interrupted + resumed == straight through, on each rank
         assert_same(r["b_ema"], r["a_ema"])
 
 
 def test_train_mnist_under_torchrun_writes_once_from_rank0(tmp_path):
-    result = torchrun(str(REPO / "train_mnist.py"), "--stage", "teacher", "--arch", "unet-tiny", "--teacher-steps",
-                      "4", "--batch-size", "8", "--sample-steps", "2", "--device", "cpu", "--no-progress",
-                      "--out", str(tmp_path))  # fmt: skip
+    result = torchrun(str(REPO / "train_mnist.py"), "--stage", "teacher", "--arch", "unet-tiny",
+                      "--teacher-train-steps", "4", "--teacher-batch-size", "8", "--sampling-steps", "2",
+                      "--device", "cpu", "--no-progress", "--out", str(tmp_path))  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("2 processes x batch 8 = effective batch 16") == 1  # printed by rank 0 only
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "samples_teacher.png", "teacher.pt"]
     ckpt = load_checkpoint(tmp_path / "teacher.pt", kind="teacher")
-    assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng_per_rank"]) == 2
+    assert ckpt["train_step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng_per_rank"]) == 2

@@ -24,7 +24,7 @@ from cfg_minimal.metrics import (
 )
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # shared/ sits beside the repo root
-DIGITS_STEPS = 200  # fewer than DEFAULT_STEPS["digits"] to keep the module fast; still ~99% test accuracy
+DIGITS_TRAIN_STEPS = 200  # fewer than DEFAULT_TRAIN_STEPS["digits"] to keep the module fast; still ~99% test accuracy
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +41,9 @@ def one_thread():
 def digits(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The digits classifier, trained once for the module into a temporary cache, and its view of the test set."""
     cache_dir = tmp_path_factory.mktemp("classifier_cache")
-    model, test_acc = load_or_train_classifier("digits", cache_dir, cache_dir, progress=False, steps=DIGITS_STEPS)
+    model, test_acc = load_or_train_classifier(
+        "digits", cache_dir, cache_dir, progress=False, train_steps=DIGITS_TRAIN_STEPS
+    )
     test = load_dataset("digits", train=False)
     return SimpleNamespace(
         cache_dir=cache_dir, model=model, test_acc=test_acc, test=test, stats=classifier_stats(model, test.images)
@@ -165,7 +167,7 @@ def test_cache_round_trip_reuses_the_file(digits: SimpleNamespace, monkeypatch: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model, test_acc = load_or_train_classifier(
-            "digits", digits.cache_dir, digits.cache_dir, progress=False, steps=DIGITS_STEPS
+            "digits", digits.cache_dir, digits.cache_dir, progress=False, train_steps=DIGITS_TRAIN_STEPS
         )
     assert test_acc == digits.test_acc
     assert not model.training
@@ -182,12 +184,12 @@ def test_corrupt_cache_is_retrained_with_a_warning(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(classifier_module, "train_classifier", counting)
     cache_path(tmp_path, "digits").write_bytes(b"not a checkpoint")
     with pytest.warns(UserWarning, match="retraining"):
-        _, acc = load_or_train_classifier("digits", tmp_path, tmp_path, progress=False, steps=10)
+        _, acc = load_or_train_classifier("digits", tmp_path, tmp_path, progress=False, train_steps=10)
     assert calls == [1] and 0 <= acc <= 1
-    _, again = load_or_train_classifier("digits", tmp_path, tmp_path, progress=False, steps=10)  # now cached
+    _, again = load_or_train_classifier("digits", tmp_path, tmp_path, progress=False, train_steps=10)  # now cached
     assert calls == [1] and again == acc
     with pytest.warns(UserWarning, match="config"):  # another training config: retrain, do not reuse
-        load_or_train_classifier("digits", tmp_path, tmp_path, progress=False, steps=11)
+        load_or_train_classifier("digits", tmp_path, tmp_path, progress=False, train_steps=11)
     assert calls == [1, 1]
 
 
@@ -198,5 +200,5 @@ def test_corrupt_cache_is_retrained_with_a_warning(tmp_path: Path, monkeypatch: 
 def test_short_mnist_training_learns() -> None:
     train = load_dataset("mnist", DATA_DIR, train=True, download=False)
     test = load_dataset("mnist", DATA_DIR, train=False, download=False)
-    model = train_classifier(train, steps=40, progress=False)
+    model = train_classifier(train, train_steps=40, progress=False)
     assert accuracy(classifier_stats(model, test.images[:2000]).preds, test.labels[:2000]) > 0.5  # chance: 0.1

@@ -10,12 +10,12 @@ from PIL import Image
 
 import cfg_minimal.distill as distill
 import cfg_minimal.train as train
-from cfg_minimal import TrainConfig, load_checkpoint, load_pipeline, train_teacher
+from cfg_minimal import TeacherConfig, load_checkpoint, load_pipeline, sample_scale_grid, train_teacher, with_optim
 from cfg_minimal.checkpoint import model_from_checkpoint
 from cfg_minimal.data import DATASETS, ImageData
 from cfg_minimal.distill import DistillConfig, distill_student, make_student
 from cfg_minimal.guidance import guided_noise_pred
-from cfg_minimal.plotting import sample_scale_grid, save_scale_grid, tile
+from cfg_minimal.plotting import save_scale_grid, tile
 from cfg_minimal.schedulers import DDPMScheduler
 
 # One colour per class, plus noise: random images in which the channels carry the label.
@@ -35,15 +35,16 @@ def random_cifar(name: str = "cifar10", data_dir: str = "", train: bool = True, 
 
 @pytest.fixture(scope="module")
 def rgb_run(tmp_path_factory):
-    """A unet-tiny teacher (60 steps) on random RGB data, and the student distilled from it (60 steps)."""
+    """A unet-tiny teacher (60 train steps) on random RGB data, and the student distilled from it (60 train steps)."""
     out = tmp_path_factory.mktemp("rgb")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "load_dataset", random_cifar)
         mp.setattr(distill, "load_dataset", random_cifar)
-        cfg = TrainConfig(dataset="cifar10", arch="unet-tiny", steps=60, batch_size=16, lr=3e-3, warmup_steps=10,
-                          device="cpu")  # fmt: skip
+        cfg = with_optim(TeacherConfig(dataset="cifar10", arch="unet-tiny"), max_train_steps=60, batch_size=16,
+                         lr=3e-3, warmup_steps=10, device="cpu")  # fmt: skip
         teacher = train_teacher(cfg, out, progress=False)
-        student_cfg = DistillConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, device="cpu")
+        student_cfg = with_optim(DistillConfig(), max_train_steps=60, batch_size=16, lr=3e-3, warmup_steps=5,
+                                 device="cpu")  # fmt: skip
         student = distill_student(out / "teacher.pt", student_cfg, out, progress=False)
     return out, teacher, student
 
@@ -108,15 +109,15 @@ def test_the_student_starts_as_the_teacher_and_distils_towards_cfg(rgb_run):
 def test_cifar10_defaults_to_the_wider_unet(monkeypatch, tmp_path):
     captured = {}
 
-    def no_training(model, loss_fn, data, path, metadata, **kwargs):
-        captured.update(model=model, steps=kwargs["steps"], metadata=metadata)
+    def no_training(model, loss_fn, data, path, metadata, optim, *args, **kwargs):
+        captured.update(model=model, train_steps=optim.max_train_steps, metadata=metadata)
 
     monkeypatch.setattr(train, "load_dataset", random_cifar)
     monkeypatch.setattr(train, "fit", no_training)
-    train_teacher(TrainConfig(dataset="cifar10", device="cpu"), tmp_path, progress=False)
+    train_teacher(TeacherConfig(dataset="cifar10"), tmp_path, progress=False)
     model = captured["model"]
-    assert model.arch == "unet-cifar" and captured["steps"] == 40000
-    assert captured["metadata"]["train_config"]["arch"] == "unet-cifar"  # resolved, so --resume compares names
+    assert model.arch == "unet-cifar" and captured["train_steps"] == 40000
+    assert captured["metadata"]["teacher_config"]["arch"] == "unet-cifar"  # resolved, so --resume compares names
     assert 4e6 < sum(p.numel() for p in model.parameters()) < 6e6
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, 32, 32), torch.tensor([0, 999]), torch.tensor([1, 10])).shape == (

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from cfg_minimal import DDIMScheduler, DDPMScheduler, Pipeline, UserError
+from cfg_minimal import DDIMScheduler, DDPMScheduler, Pipeline, UserError, guided_noise_pred
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -100,3 +100,19 @@ def test_sampling_is_deterministic_given_a_generator(sampler):
 def test_bad_input_gets_a_clear_error(labels, scale, steps, message):
     with pytest.raises(UserError, match=message):
         make_pipeline()(labels, scale, num_steps=steps)
+
+
+def test_the_callback_sees_every_step_and_its_last_sample_is_the_image(arch):
+    pipe = make_pipeline(arch)
+    x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    seen = []
+    images = pipe(LABELS, 3.0, num_steps=6, x_T=x_T, callback=lambda i, t, x, x0: seen.append((i, t, x, x0)))
+    assert [i for i, *_ in seen] == list(range(6))
+    assert [t for _, t, *_ in seen] == pipe.scheduler.timesteps.tolist()
+    assert torch.equal(seen[-1][2], images)
+    t0 = seen[0][1]  # the first step, taken by hand: the callback gets its new sample and its predicted x_0
+    with torch.no_grad():
+        eps = guided_noise_pred(pipe.model, x_T, torch.full((4,), t0), torch.tensor(LABELS), 3.0)
+    first = pipe.scheduler.step(eps, t0, x_T, use_clipped_model_output=True)
+    torch.testing.assert_close(seen[0][2], first.prev_sample, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen[0][3], first.pred_original_sample, rtol=0, atol=1e-6)

@@ -6,25 +6,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cfg_minimal import TrainConfig, UserError, load_checkpoint, load_pipeline, train_teacher
+from cfg_minimal import TeacherConfig, UserError, load_checkpoint, load_pipeline, train_teacher, with_optim
 from cfg_minimal.data import load_dataset
 from cfg_minimal.distill import DistillConfig, distill_student
 from cfg_minimal.guidance import guided_noise_pred
 from cfg_minimal.schedulers import DDIMScheduler
-from cfg_minimal.step_distill import StepDistillConfig, ddim_x0_target, distill_steps, round_sizes
+from cfg_minimal.step_distill import StepDistillConfig, ddim_x0_target, halve_sampling_steps, round_sizes
 
 SCALES = [0.0, 1.0, 3.0, 5.0]
 
 
 @pytest.fixture(scope="module")
 def rounds(tmp_path_factory):
-    """A tiny guided student on digits, then one round 8 -> 4 steps and one 4 -> 2."""
+    """A tiny guided student on digits, then one round 8 -> 4 sampling steps and one 4 -> 2."""
     out = tmp_path_factory.mktemp("steps")
-    train_teacher(TrainConfig(arch="unet-tiny", steps=200, batch_size=32, lr=3e-3, device="cpu"), out, progress=False)
-    distill_student(out / "teacher.pt", DistillConfig(steps=100, batch_size=32, lr=3e-3, device="cpu"), out,
-                    progress=False)  # fmt: skip
-    cfg = StepDistillConfig(start_steps=8, target_steps=2, round_steps=300, batch_size=32, lr=1e-3, device="cpu")
-    paths = distill_steps(out / "student.pt", cfg, out, progress=False)
+    optim = dict(batch_size=32, lr=3e-3, device="cpu")
+    train_teacher(with_optim(TeacherConfig(arch="unet-tiny"), max_train_steps=200, **optim), out, progress=False)
+    distill_student(out / "teacher.pt", with_optim(DistillConfig(), max_train_steps=100, **optim), out, progress=False)
+    cfg = StepDistillConfig(start_sampling_steps=8, target_sampling_steps=2)
+    cfg = with_optim(cfg, max_train_steps=300, batch_size=32, lr=1e-3, device="cpu")
+    paths = halve_sampling_steps(out / "student.pt", cfg, out, progress=False)
     return out, paths
 
 
@@ -66,9 +67,12 @@ def test_a_round_lowers_the_one_step_versus_two_step_error_at_every_scale(rounds
 def test_the_checkpoint_step_count_drives_sampling(rounds):
     _, paths = rounds
     assert [p.name for p in paths] == ["student_4steps.pt", "student_2steps.pt"]
-    assert load_checkpoint(paths[1])["step_rounds"] == [dict(from_steps=8, to_steps=4), dict(from_steps=4, to_steps=2)]
+    assert load_checkpoint(paths[1])["step_rounds"] == [
+        dict(from_sampling_steps=8, to_sampling_steps=4),
+        dict(from_sampling_steps=4, to_sampling_steps=2),
+    ]
     pipe = load_pipeline(paths[1])
-    assert pipe.default_steps == 2 and pipe.scheduler.timestep_spacing == "aligned"
+    assert pipe.sampling_steps == 2 and pipe.scheduler.timestep_spacing == "aligned"
     calls = []
     pipe.model.register_forward_hook(lambda module, args, output: calls.append(int(args[1][0])))
     x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -81,8 +85,9 @@ def test_the_checkpoint_step_count_drives_sampling(rounds):
 
 def test_a_step_distilled_checkpoint_is_halved_from_its_own_step_count(rounds):
     _, paths = rounds
-    with pytest.raises(UserError, match="was step-distilled to 4 steps"):
-        distill_steps(paths[0], StepDistillConfig(start_steps=8, target_steps=2, device="cpu"), paths[0].parent)
+    with pytest.raises(UserError, match="was step-distilled to 4 sampling steps"):
+        cfg = StepDistillConfig(start_sampling_steps=8, target_sampling_steps=2)
+        halve_sampling_steps(paths[0], cfg, paths[0].parent)
 
 
 def test_the_x0_target_lands_on_the_given_point():
@@ -101,5 +106,5 @@ def test_unreachable_targets_are_clear_errors():
     assert round_sizes(64, 8) == [32, 16, 8]
     with pytest.raises(UserError, match="not reached by halving"):
         round_sizes(48, 5)
-    with pytest.raises(UserError, match="below the 8 steps"):
+    with pytest.raises(UserError, match="below the 8 sampling steps"):
         round_sizes(8, 8)

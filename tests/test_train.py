@@ -12,24 +12,27 @@ import pytest
 import torch
 from conftest import REPO
 
-from cfg_minimal import TrainConfig, UserError, load_checkpoint, train_teacher
+from cfg_minimal import OptimConfig, TeacherConfig, UserError, load_checkpoint, train_teacher, with_optim
 from cfg_minimal.data import load_dataset
+from cfg_minimal.loop import fit
 from cfg_minimal.models import build_model
-from cfg_minimal.train import fit
 
 
 def test_short_training_lowers_the_loss(arch, tmp_path):
-    cfg = TrainConfig(arch=arch, steps=80, batch_size=32, lr=3e-3, warmup_steps=10, device="cpu")
+    cfg = with_optim(
+        TeacherConfig(arch=arch), max_train_steps=80, batch_size=32, lr=3e-3, warmup_steps=10, device="cpu"
+    )
     result = train_teacher(cfg, tmp_path, progress=False)
-    first, last = result.losses[0], sum(result.losses[-2:]) / 2  # mean loss over steps 1-10, and 61-80
+    first, last = result.losses[0], sum(result.losses[-2:]) / 2  # mean loss over train steps 1-10, and 61-80
     assert last < 0.6 * first, result.losses
     ckpt = load_checkpoint(tmp_path / "teacher.pt", kind="teacher")
-    assert ckpt["step"] == 80 and ckpt["dataset"] == "digits" and ckpt["image_size"] == 16
+    assert ckpt["train_step"] == 80 and ckpt["dataset"] == "digits" and ckpt["image_size"] == 16
 
 
 def train_cmd(out, steps: int) -> list[str]:
     return [sys.executable, str(REPO / "train_mnist.py"), "--stage", "teacher", "--arch", "unet-tiny",
-            "--teacher-steps", str(steps), "--batch-size", "16", "--checkpoint-every", "10000", "--sample-steps", "2",
+            "--teacher-train-steps", str(steps), "--teacher-batch-size", "16", "--checkpoint-every", "10000",
+            "--sampling-steps", "2",
             "--device", "cpu", "--out", str(out)]  # fmt: skip
 
 
@@ -46,13 +49,13 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     stopped = load_checkpoint(tmp_path / "a" / "teacher.pt")
-    assert 0 < stopped["step"] < steps, "interrupt too late for the test to mean anything"
+    assert 0 < stopped["train_step"] < steps, "interrupt too late for the test to mean anything"
     assert not [p for p in (tmp_path / "a").iterdir() if p.suffix == ".tmp"]  # never a half-written file
 
     subprocess.run(train_cmd(tmp_path / "a", steps) + ["--resume"], check=True, env=env, capture_output=True)
     subprocess.run(train_cmd(tmp_path / "b", steps), check=True, env=env, capture_output=True)
     resumed, straight = load_checkpoint(tmp_path / "a" / "teacher.pt"), load_checkpoint(tmp_path / "b" / "teacher.pt")
-    assert resumed["step"] == straight["step"] == steps
+    assert resumed["train_step"] == straight["train_step"] == steps
     assert resumed["losses"] == straight["losses"]  # the loss curve continues exactly where it stopped
     for key in straight["ema"]:
         assert torch.equal(resumed["ema"][key], straight["ema"][key]), key
@@ -68,8 +71,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
     data = load_dataset("digits")
     path = tmp_path / "teacher.pt"
-    with pytest.raises(UserError, match="loss became nan at step 25.*last good checkpoint"):
-        fit(build_model("unet-tiny"), loss_fn, data, path, {"kind": "teacher"}, steps=100, batch_size=8, lr=1e-3,
-            warmup_steps=1, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, device=torch.device("cpu"),
-            checkpoint_every=20, progress=False)  # fmt: skip
-    assert torch.load(path, weights_only=True)["step"] == 20
+    optim = OptimConfig(max_train_steps=100, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9,
+                        checkpoint_every=20, device="cpu")  # fmt: skip
+    with pytest.raises(UserError, match="loss became nan at train step 25.*last good checkpoint"):
+        fit(build_model("unet-tiny"), loss_fn, data, path, {"kind": "teacher"}, optim, progress=False)
+    assert torch.load(path, weights_only=True)["train_step"] == 20

@@ -23,16 +23,29 @@ def group_norm(channels: int) -> nn.GroupNorm:
 class DiffusionModel(nn.Module):
     """Base class of the denoisers: eps = model(x (B,C,H,W), t (B,), y (B,), guidance (B,) | None).
 
-    `config` holds the constructor arguments, so `build_model(arch, **config)` rebuilds the model.
-    Subclasses create `self.cond = Conditioning(...)` and implement `denoise(x, c)`.
+    It owns what every architecture shares: the image and label sizes, and the conditioning vector
+    c = emb(t) + emb(y) [+ emb(s)] of width `cond_dim` (embeddings.Conditioning). Subclasses pass
+    their own sizes on as `sizes` and implement `denoise(x, c)`. `config` holds every constructor
+    argument, so `build_model(arch, **config)` rebuilds the model.
     """
 
     arch: str = ""
-    cond: Conditioning
 
-    def __init__(self, **config: Any):
+    def __init__(
+        self,
+        cond_dim: int,
+        in_channels: int = 1,
+        image_size: int = 16,
+        num_classes: int = 10,
+        p_uncond: float = 0.1,
+        guidance_embed: bool = False,
+        **sizes: Any,
+    ):
         super().__init__()
-        self.config = config
+        self.config = dict(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
+                           p_uncond=p_uncond, guidance_embed=guidance_embed, **sizes)  # fmt: skip
+        self.in_channels, self.image_size = in_channels, image_size
+        self.cond = Conditioning(cond_dim, num_classes, p_uncond, guidance_embed)
 
     @property
     def num_classes(self) -> int:

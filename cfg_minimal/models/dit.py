@@ -10,11 +10,13 @@ layer is zero-initialised too, so an untrained DiT predicts eps = 0 exactly, lik
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..embeddings import Conditioning, sinusoidal_embedding
+from ..embeddings import sinusoidal_embedding
 from ..errors import UserError
 from .base import DiffusionModel, zero_init
 
@@ -79,22 +81,18 @@ class DiT(DiffusionModel):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        image_size: int = 16,
-        num_classes: int = 10,
-        p_uncond: float = 0.1,
-        guidance_embed: bool = False,
+        *,
         patch_size: int = 2,
         hidden_size: int = 128,
         depth: int = 6,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        **common: Any,
     ):
-        super().__init__(
-            in_channels=in_channels, image_size=image_size, num_classes=num_classes, p_uncond=p_uncond,
-            guidance_embed=guidance_embed, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio,
-        )  # fmt: skip
+        """`common`: in_channels, image_size, num_classes, p_uncond, guidance_embed (see DiffusionModel)."""
+        super().__init__(hidden_size, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, **common)  # fmt: skip
+        in_channels, image_size = self.in_channels, self.image_size
         if image_size % patch_size != 0:
             raise UserError(
                 f"DiT: image_size {image_size} is not divisible by patch_size {patch_size}; "
@@ -103,7 +101,6 @@ class DiT(DiffusionModel):
         if hidden_size % num_heads != 0 or hidden_size % 4 != 0:
             raise UserError(f"DiT: hidden_size {hidden_size} must be divisible by 4 and by num_heads {num_heads}")
         self.patch_size, self.grid = patch_size, image_size // patch_size
-        self.cond = Conditioning(hidden_size, num_classes, p_uncond, guidance_embed)
         self.patchify = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos_embed", pos_embed_2d(self.grid, hidden_size)[None], persistent=False)  # (1, N, D)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])

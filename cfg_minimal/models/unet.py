@@ -8,12 +8,12 @@ zero-initialised, so an untrained network predicts eps = 0 and each block starts
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..embeddings import Conditioning
 from .base import DiffusionModel, group_norm, zero_init
 
 
@@ -63,25 +63,21 @@ class UNet(DiffusionModel):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        image_size: int = 16,
-        num_classes: int = 10,
-        p_uncond: float = 0.1,
-        guidance_embed: bool = False,
+        *,
         base_channels: int = 32,
         channel_mults: Sequence[int] = (1, 2, 2),
         num_res_blocks: int = 1,
         emb_dim: int = 128,
         dropout: float = 0.0,
         attention: bool = True,
+        **common: Any,
     ):
+        """`common`: in_channels, image_size, num_classes, p_uncond, guidance_embed (see DiffusionModel)."""
         channel_mults = tuple(channel_mults)
-        super().__init__(
-            in_channels=in_channels, image_size=image_size, num_classes=num_classes, p_uncond=p_uncond,
-            guidance_embed=guidance_embed, base_channels=base_channels, channel_mults=channel_mults,
-            num_res_blocks=num_res_blocks, emb_dim=emb_dim, dropout=dropout, attention=attention,
-        )  # fmt: skip
-        self.cond = Conditioning(emb_dim, num_classes, p_uncond, guidance_embed)
+        super().__init__(emb_dim, base_channels=base_channels, channel_mults=channel_mults,
+                         num_res_blocks=num_res_blocks, emb_dim=emb_dim, dropout=dropout, attention=attention,
+                         **common)  # fmt: skip
+        in_channels = self.in_channels
         chs = [base_channels * m for m in channel_mults]
         self.in_conv = nn.Conv2d(in_channels, chs[0], 3, padding=1)
 

@@ -1,0 +1,277 @@
+"""The one training loop that the three stages share: teacher, guidance distillation, step distillation.
+
+A stage hands `fit` a model, a loss `loss_fn(model, x_0 (B, C, H, W), y (B,)) -> scalar` and an
+`OptimConfig`. `fit` runs AdamW (linear warm-up, cosine decay to a tenth), keeps an EMA of the
+weights for sampling, and writes a checkpoint atomically every `checkpoint_every` train steps, at the
+end and on Ctrl-C / SIGTERM, with the optimizer, EMA and RNG state, so a resumed run continues
+exactly where the interrupted one stopped.
+
+One train step reads top to bottom in `fit`: batch, loss, backward, clip, optimizer step, EMA.
+The plumbing sits below it: `Run` (state, logging, checkpoints, resume), `Batches` (random batches,
+and each process's shard of them under torchrun) and `stop_requests` (signals). Under torchrun every
+process runs `fit` (see distributed.py); a single process never touches a collective.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .checkpoint import save_checkpoint
+from .data import ImageData
+from .errors import UserError
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x_0, y) -> scalar
+StageConfig = TypeVar("StageConfig")  # TeacherConfig, DistillConfig or StepDistillConfig
+
+
+@dataclass
+class OptimConfig:
+    """How a stage optimises. Every stage config embeds one as `.optim`, with its own defaults."""
+
+    max_train_steps: int | None = None  # teacher and guided student: None is the per-dataset default (recipes.py)
+    batch_size: int = 128  # per process: under torchrun the effective batch is batch_size x processes
+    lr: float = 2e-3  # AdamW; linear warm-up over warmup_steps, then cosine decay to lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # largest gradient norm
+    ema_decay: float = 0.999  # sampling uses the EMA weights
+    checkpoint_every: int = 500  # train steps between checkpoints (one is also written at the end and on Ctrl-C)
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA, then MPS, then CPU
+
+
+@dataclass
+class FitResult:
+    ema: nn.Module  # the EMA weights, in eval mode: what sampling uses
+    losses: list[float]  # mean loss per `log_every` train steps (over all processes under torchrun)
+    model: nn.Module  # the last trained weights (not averaged), unwrapped from DDP
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: ImageData,
+    path: Path,
+    metadata: dict[str, Any],
+    optim: OptimConfig,
+    resume_from: dict[str, Any] | None = None,
+    progress: bool = True,
+    log_every: int = 10,
+) -> FitResult:
+    """Minimise loss_fn(model, x_0, y) over random batches of `data` for `optim.max_train_steps` train steps.
+
+    Writes `path` (metadata + model, EMA, optimizer, RNG state and loss history); `resume_from` is such
+    a checkpoint, loaded. A non-finite loss raises a UserError and keeps the last good checkpoint."""
+    device = distributed.pick_device(optim.device)
+    model.to(device).train()
+    net = distributed.wrap(model, device)  # what the loss calls: DDP (gradients averaged over processes) or model
+    batches = Batches(data, optim.batch_size, optim.seed, device)
+    run = Run(model, optim, path, metadata, batches, resume_from, progress, log_every)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with stop_requests() as stop_requested:
+        for step in range(run.train_step, run.max_train_steps):
+            x0, y = batches.draw()  # (B, C, H, W), (B,)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr_at(step, optim.lr, optim.warmup_steps, run.max_train_steps)
+            with autocast:
+                loss = loss_fn(net, x0, y)  # scalar
+            value, stopping = run.check(loss, stop_requested())  # the same on every process
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+            run.optimizer.step()
+            ema_update(run.ema, model, min(optim.ema_decay, (1 + step) / (10 + step)))  # EMA, warmed up
+            run.end_step(value, stopping)  # log; checkpoint when due; KeyboardInterrupt when stopping
+    return run.finish()
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up for `warmup` train steps, then cosine decay to lr / 10 at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+class Batches:
+    """Random batches (with replacement) of an in-memory data set, already on the training device.
+
+    One process draws indices from the global RNG. Under torchrun (W processes) every process draws
+    the same W * batch_size indices from a generator seeded with `seed` and keeps its own slice, so
+    the processes together see one global batch; the generator's state goes into the checkpoint."""
+
+    def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device):
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.batch_size, self.device = batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)  # used with several processes only
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, b, world, rank = len(self.labels), self.batch_size, distributed.world_size(), distributed.rank()
+        if world == 1:
+            idx = torch.randint(0, n, (b,), device=self.device)  # (B,)
+        else:
+            idx = torch.randint(0, n, (world * b,), generator=self.generator)  # (W*B,) the global batch
+            idx = idx[rank * b : (rank + 1) * b].to(self.device)  # (B,) this process's shard
+        return self.images[idx], self.labels[idx]
+
+
+class Run:
+    """A run in progress: EMA, optimizer, train step, loss history, progress bar, and its checkpoint file."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimConfig,
+        path: Path,
+        metadata: dict[str, Any],
+        batches: Batches,
+        resume_from: dict[str, Any] | None,
+        progress: bool,
+        log_every: int,
+    ):
+        if optim.max_train_steps is None or optim.max_train_steps < 1:
+            raise UserError(f"max_train_steps must be at least 1, got {optim.max_train_steps}")
+        self.model, self.optim, self.path, self.metadata, self.batches = model, optim, Path(path), metadata, batches
+        self.max_train_steps, self.log_every = optim.max_train_steps, log_every
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        self.train_step, self.losses, self.window = 0, [], []  # window: the losses since the last logged mean
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.world > 1:
+            torch.manual_seed(optim.seed + 1 + self.rank)  # noise, t and label dropout differ between processes
+            if self.rank == 0:
+                print(f"{self.world} processes x batch {optim.batch_size} = effective batch "
+                      f"{self.world * optim.batch_size}")  # fmt: skip
+        if resume_from is not None:
+            self.restore(resume_from)
+        self.bar = tqdm(total=self.max_train_steps, initial=self.train_step, desc=f"training {self.path.stem}",
+                        disable=not (progress and self.rank == 0), dynamic_ncols=True)  # fmt: skip
+
+    def check(self, loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
+        """(the loss averaged over processes, whether any process was asked to stop); a NaN or inf loss raises."""
+        value, stopping = distributed.mean_and_any(loss.detach(), stop_requested)
+        if not math.isfinite(value):
+            self.bar.close()
+            raise UserError(
+                f"the loss became {value} at train step {self.train_step}; stopped, keeping the last good checkpoint "
+                f"{str(self.path)!r}. Lower the learning rate, or resume from that checkpoint with --resume"
+            )
+        return value, stopping
+
+    def end_step(self, value: float, stopping: bool) -> None:
+        """Count the train step, log its loss, write a checkpoint when one is due, stop when asked to."""
+        self.train_step += 1
+        self.window.append(value)
+        if len(self.window) == self.log_every:
+            self.losses.append(sum(self.window) / len(self.window))
+            self.window = []
+            self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}")
+        self.bar.update(1)
+        due = self.train_step % self.optim.checkpoint_every == 0 or self.train_step == self.max_train_steps
+        if due or stopping:
+            self.save()
+        if stopping and self.train_step < self.max_train_steps:
+            self.bar.close()
+            if self.rank == 0:
+                print(f"\ninterrupted at train step {self.train_step}/{self.max_train_steps}; saved {self.path}. "
+                      "Run the same command with --resume.")  # fmt: skip
+            raise KeyboardInterrupt
+
+    def finish(self) -> FitResult:
+        self.bar.close()
+        return FitResult(ema=self.ema, losses=self.losses, model=self.model)
+
+    def save(self) -> None:
+        """Every process calls this (gathering RNG states is collective); rank 0 writes, the others wait."""
+        extra: dict[str, Any] = {"world_size": self.world, "effective_batch_size": self.world * self.optim.batch_size}
+        if self.world > 1:
+            extra.update(
+                rng_per_rank=distributed.all_gather(rng_state()), sampler_rng=self.batches.generator.get_state()
+            )
+        if self.rank == 0:
+            save_checkpoint(self.path, {
+                **self.metadata, "train_step": self.train_step, "max_train_steps": self.max_train_steps,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+                "losses": self.losses, "loss_window": self.window, **extra,
+            })  # fmt: skip
+        distributed.barrier()  # when save returns on any process, the file is on disk
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint: exactly when it was written by as many processes as run now."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.train_step, self.losses, self.window = ckpt["train_step"], list(ckpt["losses"]), list(ckpt["loss_window"])
+        written_by = ckpt.get("world_size", 1)
+        if written_by == self.world:  # exact: every process continues its own random streams
+            set_rng_state(ckpt["rng"] if self.world == 1 else ckpt["rng_per_rank"][self.rank])
+            if self.world > 1:
+                self.batches.generator.set_state(ckpt["sampler_rng"])
+        else:  # fresh streams, different from the run's start: the run continues, but not bit for bit
+            torch.manual_seed(self.optim.seed + 1 + self.rank + self.train_step)
+            self.batches.generator.manual_seed(self.optim.seed + self.train_step)
+            if self.rank == 0:
+                print(f"{self.path} was written by {written_by} process(es), resuming on {self.world}: "
+                      "the run continues, but not bit for bit as an uninterrupted one would")  # fmt: skip
+
+
+def with_optim(cfg: StageConfig, **changes: Any) -> StageConfig:
+    """A stage config with `changes` to its optim block, the rest of the stage's defaults kept:
+    with_optim(DistillConfig(), max_train_steps=500, lr=1e-3)."""
+    return replace(cfg, optim=replace(cfg.optim, **changes))
+
+
+def stored_config(cls: type[StageConfig], stored: dict[str, Any], device: str) -> StageConfig:
+    """The stage config a checkpoint was trained with (stored as `asdict`), on the device asked for now."""
+    return cls(**{**stored, "optim": replace(OptimConfig(**stored["optim"]), device=device)})
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """While training, Ctrl-C and SIGTERM only raise a flag; the loop checks it between train steps, so a
+    checkpoint never holds half a step (a half-applied optimizer update, a consumed RNG draw)."""
+    requested: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = [signal.signal(sig, lambda signum, frame: requested.append(signum)) for sig in signals]
+    except ValueError:  # not the main thread: leave signals alone
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, handler in zip(signals, previous):
+            signal.signal(sig, handler)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
