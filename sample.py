@@ -11,8 +11,9 @@ import math
 import sys
 import time
 
-from cfg_minimal import UserError, load_pipeline, pick_device, sample_scale_grid
-from cfg_minimal.plotting import save_scale_grid
+from cfg_minimal import load_pipeline, pick_device, sample_scale_grid
+from cfg_minimal.errors import report
+from cfg_minimal.plotting import figure_path, save_scale_grid
 from cfg_minimal.schedulers import SCHEDULERS
 
 
@@ -33,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="grid.png")
     args = p.parse_args(argv)
-    if args.n_per_class < 1:
-        p.error(f"--n-per-class must be a positive integer, got {args.n_per_class}")
+    if not 1 <= args.n_per_class <= 64:
+        p.error(f"--n-per-class must be between 1 and 64 (a wider grid cannot be drawn), got {args.n_per_class}")
     if args.sampling_steps is not None and args.sampling_steps < 1:
         p.error(f"--sampling-steps must be a positive integer, got {args.sampling_steps}")
     if not all(math.isfinite(s) for s in args.scales):
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        out = figure_path(args.out)
         pipe = load_pipeline(args.ckpt, device=pick_device(args.device), scheduler=args.sampler)
         steps = args.sampling_steps or pipe.sampling_steps
         start = time.perf_counter()
@@ -61,14 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             title += f", rescale {args.guidance_rescale:g}"
         if args.guidance_interval:
             title += ", guided for t in [{}, {}]".format(*args.guidance_interval)
-        save_scale_grid(grid, args.scales, pipe.class_names, args.out, title=title)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: cannot write --out {args.out!r} ({err.strerror})", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {grid.shape[0] * grid.shape[1] * grid.shape[2]} images in {seconds:.1f} s")
+        save_scale_grid(grid, args.scales, pipe.class_names, out, title=title)
+    except Exception as err:  # a user's mistake: one line, exit code 2
+        return report(err)
+    print(f"wrote {out}: {grid.shape[0] * grid.shape[1] * grid.shape[2]} images in {seconds:.1f} s")
     return 0
 
 

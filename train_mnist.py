@@ -27,7 +27,6 @@ from cfg_minimal import (
     DistillConfig,
     StepDistillConfig,
     TeacherConfig,
-    UserError,
     distill_student,
     distributed,
     halve_sampling_steps,
@@ -37,6 +36,9 @@ from cfg_minimal import (
     sample_scale_grid,
     train_teacher,
 )
+from cfg_minimal.checkpoint import output_lock, writable_folder
+from cfg_minimal.distill import check_guidance_range
+from cfg_minimal.errors import report
 from cfg_minimal.evaluate import sweep, write_sweep
 from cfg_minimal.plotting import save_loss_curve, save_scale_grid
 from cfg_minimal.sampling import DEFAULT_SAMPLING_STEPS
@@ -104,7 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher", help="teacher for --stage distill, reference for step-distill (default: OUT/teacher.pt)"
     )
     p.add_argument("--student", help="guided student for --stage step-distill (default: OUT/student.pt)")
-    p.add_argument("--resume", action="store_true", help="continue interrupted runs from OUT's checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs in OUT (more --*-train-steps extend them); settings must match")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="train again from scratch over the checkpoints in OUT")
     defaults = {stage: cls() for stage, cls in STAGES.items()}
     for flag, targets, kwargs in CONFIG_FLAGS:
         default = getattr(*field_of(defaults, targets[0]))
@@ -125,16 +129,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
     if not 0 <= args.p_uncond < 1:
         p.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    if args.eval_n < 2 * DATASETS[args.dataset].num_classes:
+        p.error(f"--eval-n must be at least two samples per class ({2 * DATASETS[args.dataset].num_classes}), "
+                f"got {args.eval_n}")  # fmt: skip
+    if args.sampling_steps > TeacherConfig.num_train_timesteps:
+        p.error(f"--sampling-steps must be at most {TeacherConfig.num_train_timesteps}, got {args.sampling_steps}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the runs in --out and --overwrite replaces them: pass one of them")
     return args
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").touch()
-        (out / ".write_test").unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to --out {str(out)!r} ({err.strerror}); choose another folder") from None
 
 
 def teacher_figures(out: Path, args: argparse.Namespace) -> torch.Tensor:
@@ -195,25 +197,35 @@ def step_figures(teacher_path: Path, paths: list[Path], out: Path, args: argpars
 def run(args: argparse.Namespace) -> None:
     """Teacher, then student; under torchrun all ranks train and rank 0 alone draws and writes figures."""
     out, configs, progress = Path(args.out), configs_from(args), not args.no_progress
-    rank0 = distributed.is_main()
-    if rank0:
-        check_writable(out)
+    pick_device(args.device)  # an unusable --device fails now, not after loading the data
+    if args.stage in ("distill", "all"):
+        check_guidance_range(configs["distill"])  # before the teacher trains for minutes
+    if distributed.is_main():
+        writable_folder(out)
+        with output_lock(out):
+            train_stages(args, out, configs, progress)
+    else:
+        train_stages(args, out, configs, progress)
+
+
+def train_stages(args: argparse.Namespace, out: Path, configs: dict[str, Any], progress: bool) -> None:
+    """The stages --stage asks for, then the loss curves; only rank 0 draws."""
+    rank0, how = distributed.is_main(), dict(resume=args.resume, progress=progress, overwrite=args.overwrite)
     curves = {}
     teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
     grid_t = None
     if args.stage in ("teacher", "all"):
-        curves["teacher"] = train_teacher(configs["teacher"], out, resume=args.resume, progress=progress).losses
+        curves["teacher"] = train_teacher(configs["teacher"], out, **how).losses
         teacher_path = out / "teacher.pt"
         grid_t = teacher_figures(out, args) if rank0 else None
         distributed.barrier()  # the others wait for rank 0's figures before distilling together
     if args.stage in ("distill", "all"):
-        curves["student"] = distill_student(teacher_path, configs["distill"], out, resume=args.resume,
-                                            progress=progress).losses  # fmt: skip
+        curves["student"] = distill_student(teacher_path, configs["distill"], out, **how).losses
         if rank0:
             student_figures(teacher_path, out, args, grid_t)
     if args.stage == "step-distill":
         student_path = Path(args.student) if args.student else out / "student.pt"
-        paths = halve_sampling_steps(student_path, configs["step_distill"], out, resume=args.resume, progress=progress)
+        paths = halve_sampling_steps(student_path, configs["step_distill"], out, **how)
         curves = {path.stem: load_checkpoint(path)["losses"] for path in paths}
         if rank0:
             step_figures(teacher_path, paths, out, args)
@@ -226,11 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         distributed.init(args.device)  # joins torchrun's processes; nothing for a single process
         run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a user's mistake: one line, exit code 2 (checkpoints already written are kept)
+        return report(err)
     finally:
         distributed.cleanup()
     return 0

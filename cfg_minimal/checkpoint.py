@@ -2,15 +2,19 @@
 
 A checkpoint is a plain dict of tensors, numbers and strings, loaded with
 `torch.load(weights_only=True)`, so a file carrying a pickled object is refused, never executed.
-It is written to a temporary file and renamed, so an interrupted save never leaves half a file.
+It is written to a temporary file and renamed, so an interrupted save never leaves half a file,
+and a run holds `output_lock` on its folder, so two runs never write into one folder at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +30,13 @@ DATASET_KEYS = ("scheduler_config", "dataset", "image_size", "channels", "num_cl
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: readers never see half a file."""
+    """torch.save to a temporary file in the same folder, then os.replace: readers never see half a file.
+
+    Temporary files that a killed save left behind for this path are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{path.name}*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
@@ -41,13 +49,68 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write `payload` (plus the format tag) atomically."""
-    atomic_save({"format": FORMAT, "version": VERSION, **payload}, path)
+    """Write `payload` (plus the format tag) atomically; a failed write is a UserError and leaves any
+    earlier checkpoint at `path` as it was."""
+    try:
+        atomic_save({"format": FORMAT, "version": VERSION, **payload}, path)
+    except OSError as err:
+        kept = " The last good checkpoint there is kept." if Path(path).is_file() else ""
+        raise UserError(
+            f"could not write the checkpoint {str(path)!r} ({err.strerror or err}).{kept} "
+            "Free some space or fix the folder, then run the same command with --resume"
+        ) from None
+
+
+def writable_folder(folder: str | Path) -> Path:
+    """`folder`, created if need be; a file in its place, or no permission to write, is a UserError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".write_test").touch()
+        (folder / ".write_test").unlink()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UserError(f"cannot write to --out {str(folder)!r} ({reason}); choose another folder") from None
+    return folder
+
+
+@contextmanager
+def output_lock(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (the file FOLDER/.lock) while a run writes into it; a second
+    run into the same folder fails at once with a UserError. The lock ends with the process, even
+    on SIGKILL. Where the OS has no flock (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run is writing into {str(folder)!r}; wait for it to finish, "
+                            "or choose another --out") from None  # fmt: skip
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short hash of the weights' values: tells two models apart by content, whatever their paths."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
     """Load and check a checkpoint; every problem is a UserError that says what to do."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder, not a checkpoint file; give the path of a .pt file in it")
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist; train one with `python train_mnist.py --out DIR`")
     if not zipfile.is_zipfile(path):
@@ -57,11 +120,11 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    except pickle.UnpicklingError:
         raise UserError(
-            f"refusing to load {str(path)!r}: it holds pickled Python objects, which could run code "
-            f"({first}). cfg_minimal checkpoints hold only tensors, numbers and strings."
+            f"refusing to load {str(path)!r}: it holds pickled Python objects (a whole model or optimizer "
+            "saved with torch.save, say), and unpickling can run code. cfg_minimal checkpoints hold only "
+            "tensors, numbers and strings."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise UserError(
@@ -73,9 +136,19 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
     if ckpt.get("version") != VERSION:
         raise UserError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}, this code reads {VERSION}: "
                         "retrain it, or load it with the version of cfg_minimal that wrote it")  # fmt: skip
+    require(ckpt, ("kind", "model_config", "ema"), path)
     if kind is not None and ckpt.get("kind") != kind:
         hint = " (distil from the teacher.pt of the same run)" if kind == "teacher" else ""
         raise UserError(f"{str(path)!r} is a {ckpt.get('kind')} checkpoint, but a {kind} is needed here{hint}")
+    return ckpt
+
+
+def require(ckpt: dict[str, Any], keys: tuple[str, ...], path: str | Path) -> dict[str, Any]:
+    """`ckpt`, or a UserError naming the `keys` it lacks."""
+    missing = [key for key in keys if key not in ckpt]
+    if missing:
+        raise UserError(f"{str(path)!r} lacks {', '.join(missing)}: it is incomplete or was not written by "
+                        "train_mnist.py; retrain it")  # fmt: skip
     return ckpt
 
 
@@ -85,15 +158,29 @@ def dataset_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "ema") -> DiffusionModel:
-    """Rebuild the model from its stored config and load `weights` ('ema' for sampling, or 'model')."""
+    """Rebuild the model from its stored config and load `weights` ('ema' for sampling, or 'model').
+
+    Weights that do not fit the config, or that hold a NaN or inf, are a UserError."""
+    if weights not in ("ema", "model") or weights not in ckpt:
+        raise UserError(f"weights must be 'ema' (for sampling) or 'model' (the raw weights), got {weights!r}")
     config = dict(ckpt["model_config"])
-    model = build_model(config.pop("arch"), **config)
     try:
-        model.load_state_dict(ckpt[weights])
-    except RuntimeError as err:  # weights from another version of this code
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        model = build_model(config.pop("arch", None), **config)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"the checkpoint's model_config does not describe a model this code builds ({err})") from None
+    try:
+        result = model.load_state_dict(ckpt[weights], strict=False)
+        problems = [*result.missing_keys, *result.unexpected_keys]
+    except RuntimeError as err:  # a tensor of another shape
+        problems = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
+    if problems:  # weights from another architecture or another version of this code
         raise UserError(
-            f"the checkpoint's weights do not fit the model its config describes ({first}); "
-            "it was written by another version of cfg_minimal: retrain, or use that version"
-        ) from None
+            f"the checkpoint's weights do not fit the model its config describes ({len(problems)} mismatches, "
+            f"e.g. {problems[0][:100]!r}); it was written by another version of cfg_minimal or edited: "
+            "retrain, or use that version"
+        )
+    bad = [name for name, tensor in ckpt[weights].items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        raise UserError(f"the checkpoint's {weights} weights hold NaN or inf ({len(bad)} tensors, e.g. {bad[0]!r}): "
+                        "that run diverged or the file was damaged; use an earlier checkpoint or retrain")  # fmt: skip
     return model.eval()

@@ -98,6 +98,11 @@ def load_dataset(name: str, data_dir: str | Path = "./data", train: bool = True,
         x01, y = _digits(train)
     else:
         x01, y = _torchvision(name, str(data_dir), train, download)
+    if len(y) == 0 or y.min() < 0 or y.max() >= info.num_classes:
+        raise UserError(
+            f"the {name} files in --data-dir {str(data_dir)!r} hold labels outside 0..{info.num_classes - 1} "
+            f"(or none at all): they are damaged or another data set; download them again"
+        )
     return ImageData(images=x01 * 2 - 1, labels=y, info=info, name=name)
 
 

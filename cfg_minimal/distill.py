@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import dataset_metadata, load_checkpoint, model_from_checkpoint
+from .checkpoint import dataset_metadata, load_checkpoint, model_from_checkpoint, weights_fingerprint
 from .data import load_dataset
 from .errors import UserError
 from .guidance import guided_noise_pred
-from .loop import FitResult, LossFn, OptimConfig, fit, stored_config, with_optim
+from .loop import FitResult, LossFn, OptimConfig, existing_run, fit, resume_config, with_optim
 from .models import DiffusionModel, build_model
 from .recipes import recipe
 from .schedulers import DDPMScheduler
@@ -76,15 +76,28 @@ def distillation_loss(teacher: DiffusionModel, scheduler: DDPMScheduler, cfg: Di
 
 
 def distill_student(
-    teacher_path: str | Path, cfg: DistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
+    teacher_path: str | Path,
+    cfg: DistillConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> FitResult:
-    """Distil OUT_DIR/student.pt from the teacher checkpoint at `teacher_path`."""
+    """Distil OUT_DIR/student.pt from the teacher checkpoint at `teacher_path`.
+
+    `resume` continues an existing student.pt, of the same teacher only (compared by weights)."""
     teacher_ckpt = load_checkpoint(teacher_path, kind="teacher")
     check_guidance_range(cfg)
     path = Path(out_dir) / "student.pt"
-    resume_from = load_checkpoint(path, kind="student") if resume and path.exists() else None
+    resume_from = existing_run(path, "student", resume, overwrite)
+    fingerprint = weights_fingerprint(teacher_ckpt["ema"])
     if resume_from is not None:
-        cfg = stored_config(DistillConfig, resume_from["distill_config"], cfg.optim.device)
+        if resume_from.get("teacher_fingerprint") != fingerprint:
+            raise UserError(
+                f"--resume: {str(path)!r} was distilled from another teacher than {str(teacher_path)!r} (their "
+                "weights differ); pass the teacher it started from, or choose another --out"
+            )
+        cfg = resume_config(DistillConfig, resume_from, "distill_config", cfg)
     if cfg.optim.max_train_steps is None:
         arch = teacher_ckpt["model_config"]["arch"]
         cfg = with_optim(cfg, max_train_steps=recipe(teacher_ckpt["dataset"], arch)["distill_train_steps"])
@@ -96,7 +109,7 @@ def distill_student(
     metadata = dict(
         **dataset_metadata(teacher_ckpt), kind="student", model_config={"arch": teacher.arch, **student.config},
         guidance_range=[cfg.s_min, cfg.s_max], distill_config=asdict(cfg),
-        teacher_config=teacher_ckpt["teacher_config"],
+        teacher_config=teacher_ckpt["teacher_config"], teacher_fingerprint=fingerprint,
     )  # fmt: skip
     loss_fn = distillation_loss(teacher, DDPMScheduler(**teacher_ckpt["scheduler_config"]), cfg)
     return fit(student, loss_fn, data, path, metadata, cfg.optim, resume_from, progress)

@@ -56,10 +56,16 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("mps") if mps and not is_distributed() else torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, TypeError):
+        device = torch.device("meta")  # refused just below
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown or unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but this machine has no usable Apple GPU; use --device cpu")
     if device.type == "cuda" and is_distributed():
         if device.index is not None:
             raise UserError("under torchrun each process uses its own GPU (LOCAL_RANK): pass --device cuda, not cuda:N")

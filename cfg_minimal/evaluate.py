@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
+from .checkpoint import writable_folder
 from .classifier import Classifier, load_or_train_classifier
 from .data import load_dataset
 from .distributed import pick_device
-from .errors import UserError
+from .errors import UserError, report
 from .metrics import ClassifierStats, accuracy, class_diversity, classifier_stats, frechet_distance
 from .plotting import plot_guidance_sweep, save_scale_grid
 from .sampling import DEFAULT_SAMPLING_STEPS, Pipeline, load_pipeline
@@ -180,14 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(args.device)
         pipes = [load_pipeline(path, device=device) for path in args.ckpt]
+        if args.n < 2 * pipes[0].num_classes:
+            raise UserError(f"--n must be at least two samples per class ({2 * pipes[0].num_classes}), got {args.n}")
         named = dict(zip(model_names(args.ckpt, pipes), pipes))
-        out = Path(args.out) if args.out else Path(args.ckpt[0]).parent
-        out.mkdir(parents=True, exist_ok=True)
+        out = writable_folder(Path(args.out) if args.out else Path(args.ckpt[0]).parent)
         metrics, images = sweep(named, args.scales, args.n, args.sampling_steps, args.seed, args.data_dir)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    write_sweep(metrics, images, pipes[0], out)
+        write_sweep(metrics, images, pipes[0], out)
+    except Exception as err:  # a user's mistake: one line, exit code 2
+        return report(err)
     return 0
 
 

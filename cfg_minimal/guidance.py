@@ -16,6 +16,8 @@ The sampler and the distillation target both call `guided_noise_pred`, so they c
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .errors import UserError
@@ -54,11 +56,11 @@ def as_scale_tensor(scale: float | torch.Tensor, batch_size: int, device: torch.
                 f"guidance_scale must be a float or a tensor of shape ({batch_size},), got {tuple(scale.shape)}"
             )
     else:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # NumPy scalars are Real too
             raise UserError(f"guidance_scale must be a number or a tensor, got {type(scale).__name__}")
         scale = torch.full((batch_size,), float(scale), device=device)
     if not torch.isfinite(scale).all():
-        raise UserError(f"guidance_scale must be finite, got {scale.tolist()}")
+        raise UserError(f"guidance_scale must be finite, got {scale[~torch.isfinite(scale)][0].item()}")
     return scale
 
 

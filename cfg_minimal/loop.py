@@ -19,7 +19,7 @@ import math
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ImageData
 from .errors import UserError
 
@@ -148,13 +148,13 @@ class Run:
         progress: bool,
         log_every: int,
     ):
-        if optim.max_train_steps is None or optim.max_train_steps < 1:
-            raise UserError(f"max_train_steps must be at least 1, got {optim.max_train_steps}")
+        check_optim(optim)
         self.model, self.optim, self.path, self.metadata, self.batches = model, optim, Path(path), metadata, batches
         self.max_train_steps, self.log_every = optim.max_train_steps, log_every
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
         self.train_step, self.losses, self.window = 0, [], []  # window: the losses since the last logged mean
+        self.saved_step: int | None = None  # the train step of this run's last checkpoint
         self.world, self.rank = distributed.world_size(), distributed.rank()
         if self.world > 1:
             torch.manual_seed(optim.seed + 1 + self.rank)  # noise, t and label dropout differ between processes
@@ -171,10 +171,11 @@ class Run:
         value, stopping = distributed.mean_and_any(loss.detach(), stop_requested)
         if not math.isfinite(value):
             self.bar.close()
-            raise UserError(
-                f"the loss became {value} at train step {self.train_step}; stopped, keeping the last good checkpoint "
-                f"{str(self.path)!r}. Lower the learning rate, or resume from that checkpoint with --resume"
-            )
+            kept = "no checkpoint of this run was written"
+            if self.saved_step is not None:
+                kept = f"keeping the last good checkpoint {str(self.path)!r} (train step {self.saved_step})"
+            raise UserError(f"the loss became {value} at train step {self.train_step}; stopped, {kept}. "
+                            "A lower learning rate usually helps")  # fmt: skip
         return value, stopping
 
     def end_step(self, value: float, stopping: bool) -> None:
@@ -214,6 +215,7 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                 "losses": self.losses, "loss_window": self.window, **extra,
             })  # fmt: skip
+        self.saved_step = self.train_step
         distributed.barrier()  # when save returns on any process, the file is on disk
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -222,6 +224,7 @@ class Run:
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.train_step, self.losses, self.window = ckpt["train_step"], list(ckpt["losses"]), list(ckpt["loss_window"])
+        self.saved_step = self.train_step
         written_by = ckpt.get("world_size", 1)
         if written_by == self.world:  # exact: every process continues its own random streams
             set_rng_state(ckpt["rng"] if self.world == 1 else ckpt["rng_per_rank"][self.rank])
@@ -241,9 +244,81 @@ def with_optim(cfg: StageConfig, **changes: Any) -> StageConfig:
     return replace(cfg, optim=replace(cfg.optim, **changes))
 
 
-def stored_config(cls: type[StageConfig], stored: dict[str, Any], device: str) -> StageConfig:
-    """The stage config a checkpoint was trained with (stored as `asdict`), on the device asked for now."""
-    return cls(**{**stored, "optim": replace(OptimConfig(**stored["optim"]), device=device)})
+def check_optim(optim: OptimConfig) -> None:
+    """Every OptimConfig field in its range, or a UserError naming the ones that are not."""
+    ok = {
+        "max_train_steps": optim.max_train_steps is not None and optim.max_train_steps >= 1,
+        "batch_size": optim.batch_size >= 1,
+        "lr": math.isfinite(optim.lr) and optim.lr > 0,
+        "warmup_steps": optim.warmup_steps >= 0,
+        "weight_decay": math.isfinite(optim.weight_decay) and optim.weight_decay >= 0,
+        "grad_clip": optim.grad_clip > 0,
+        "ema_decay": 0 <= optim.ema_decay < 1,
+        "checkpoint_every": optim.checkpoint_every >= 1,
+    }
+    bad = [f"{name}={getattr(optim, name)}" for name, fine in ok.items() if not fine]
+    if bad:
+        raise UserError(f"invalid training settings: {', '.join(bad)} (train steps, batch sizes and intervals are "
+                        "positive integers, the learning rate a positive number, 0 <= ema_decay < 1)")  # fmt: skip
+
+
+def existing_run(path: Path, kind: str, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The checkpoint at `path` to continue (with `resume`), or None to start afresh. A finished or
+    interrupted run is never replaced by accident: without resume or overwrite an existing file is an error."""
+    if path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder, not a checkpoint file; remove it or choose another --out")
+    if not path.exists() or (overwrite and not resume):
+        return None
+    if not resume:
+        raise UserError(f"{str(path)!r} already exists: pass --resume to continue that run, --overwrite to train "
+                        "it again from scratch, or choose another --out")  # fmt: skip
+    return load_checkpoint(path, kind=kind)
+
+
+# What a resumed run takes from the command that resumes it; every other setting must equal the stored one.
+CHANGEABLE_ON_RESUME = ("data_dir", "optim.device", "optim.checkpoint_every", "optim.max_train_steps")
+
+
+def resume_config(
+    cls: type[StageConfig],
+    ckpt: dict[str, Any],
+    key: str,
+    requested: StageConfig,
+    also_changeable: tuple[str, ...] = (),
+) -> StageConfig:
+    """The config a resumed run continues with: the one stored in ckpt[key], with CHANGEABLE_ON_RESUME
+    from `requested` (max_train_steps where given: more train steps extend the run, the cosine decay
+    stretched to the new end). Any other difference is a UserError: a run never silently continues
+    with settings other than the ones the command asks for."""
+    stored = cls(**{**ckpt[key], "optim": OptimConfig(**ckpt[key]["optim"])})
+    before, now = _flat(asdict(stored)), _flat(asdict(requested))
+    if now["optim.max_train_steps"] is None:
+        now["optim.max_train_steps"] = before["optim.max_train_steps"]
+    differ = [k for k in before if k not in CHANGEABLE_ON_RESUME + also_changeable and now[k] != before[k]]
+    if differ:
+        raise UserError(
+            f"--resume: this run was trained with {', '.join(f'{k}={before[k]}' for k in differ)}, but this command "
+            f"asks for {', '.join(f'{k}={now[k]}' for k in differ)}. Pass the same settings (only train steps, "
+            "paths, the device and the checkpoint interval may change), or choose another --out"
+        )
+    if now["optim.max_train_steps"] < ckpt["train_step"]:
+        raise UserError(
+            f"--resume: this run is already at train step {ckpt['train_step']}, past the "
+            f"{now['optim.max_train_steps']} train steps asked for; ask for at least that many"
+        )
+    optim = replace(stored.optim, **{k: now[f"optim.{k}"] for k in ("device", "checkpoint_every", "max_train_steps")})
+    if distributed.is_main():
+        print(f"resuming at train step {ckpt['train_step']} of {optim.max_train_steps} with the stored settings; "
+              "data_dir, device and checkpoint_every as this command gives them")  # fmt: skip
+    return replace(stored, data_dir=requested.data_dir, optim=optim)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 @contextmanager

@@ -10,8 +10,23 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless machines get the Agg backend automatically; notebooks keep inline
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 
 from .data import to_unit_range
+from .errors import UserError
+
+
+def figure_path(path: str | Path) -> Path:
+    """Where a figure asked for as `path` goes: `path`, with .png added when it has no suffix. A folder,
+    or a suffix matplotlib cannot write, is a UserError."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder; give a file name such as {str(path / 'grid.png')!r}")
+    path = path if path.suffix else path.with_suffix(".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise UserError(f"cannot write a figure as {path.suffix!r}; use .png, .pdf, .svg or .jpg")
+    return path
 
 
 def tile(images: torch.Tensor, pad: int = 1) -> torch.Tensor:

@@ -8,6 +8,7 @@ Sampling is deterministic given a CPU `torch.Generator` (or `x_T`): the starting
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import DATASET_KEYS, load_checkpoint, model_from_checkpoint, require
+from .distributed import pick_device
 from .errors import UserError
 from .guidance import guided_noise_pred
 from .models import DiffusionModel
@@ -64,7 +66,10 @@ def sample_loop(
 
 def check_labels(labels: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
     """Labels -> LongTensor (B,) with values in [0, num_classes] (num_classes is the null label)."""
-    labels = torch.as_tensor(labels)
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"labels must be integer class ids, got {str(labels)[:80]}") from None
     if labels.ndim != 1 or len(labels) == 0:
         raise UserError(f"labels must be a non-empty 1-D list of class ids, got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
@@ -90,6 +95,7 @@ class Pipeline:
     class_names: tuple[str, ...]
     sampling_steps: int = DEFAULT_SAMPLING_STEPS  # what num_steps defaults to: a step-distilled student's own
     guidance_range: tuple[float, float] | None = None  # a student's trained range of s
+    max_batch_size: int = 1024  # more labels than this are sampled in chunks, so memory stays that of one chunk
 
     @property
     def num_classes(self) -> int:
@@ -132,21 +138,40 @@ class Pipeline:
         Guidance variants (see guidance.guided_noise_pred): `negative_labels` (one id for all, or one per
         label) replace the null label in the unconditional pass; `guidance_rescale` is phi in [0, 1];
         `guidance_interval` = (t_lo, t_hi) guides only at timesteps t_lo <= t <= t_hi. `callback`: see
-        sample_loop. The scale is checked by guided_noise_pred, where it is used."""
+        sample_loop (called per chunk of max_batch_size labels). The scale is checked by guided_noise_pred,
+        where it is used. A result with NaN or inf is a UserError, never returned."""
         labels = check_labels(labels, self.num_classes).to(self.device)  # (B,)
         variants = self._check_variants(len(labels), negative_labels, guidance_rescale, guidance_interval)
         num_steps = self.sampling_steps if num_steps is None else num_steps
         self._check_num_steps(num_steps)
         self._warn_outside_range(guidance_scale)
-        shape = (len(labels), self.channels, self.image_size, self.image_size)
-        if x_T is None:
-            x_T = self.initial_noise(len(labels), generator)
-        elif tuple(x_T.shape) != shape:
-            raise UserError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+        x_T = self.initial_noise(len(labels), generator) if x_T is None else self._check_x_T(x_T, len(labels))
         if isinstance(guidance_scale, torch.Tensor):
             guidance_scale = guidance_scale.to(self.device)  # once, not at every step
-        return sample_loop(self.model, self.scheduler, x_T.to(self.device), labels, guidance_scale, num_steps,
-                           generator, batched, progress, callback, **variants)  # fmt: skip
+        chunks = []
+        for start in range(0, len(labels), self.max_batch_size):
+            rows = slice(start, start + self.max_batch_size)
+            part = {k: _rows(v, rows) for k, v in variants.items()}
+            chunks.append(sample_loop(self.model, self.scheduler, x_T[rows].to(self.device), labels[rows],
+                                      _rows(guidance_scale, rows), num_steps, generator, batched, progress,
+                                      callback, **part))  # fmt: skip
+        images = torch.cat(chunks)  # (B, C, H, W)
+        if not torch.isfinite(images).all():
+            raise UserError("sampling produced NaN or inf values; is the guidance scale far too large?")
+        return images
+
+    def _check_x_T(self, x_T: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """A user's starting noise (a tensor or an array) as finite float32 of the right shape, or a UserError."""
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        try:
+            x_T = torch.as_tensor(x_T, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(f"x_T must be a tensor or an array of numbers, got {type(x_T).__name__}") from None
+        if tuple(x_T.shape) != shape:
+            raise UserError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+        if not torch.isfinite(x_T).all():
+            raise UserError("x_T holds NaN or inf; the starting noise must be finite")
+        return x_T
 
     def _check_num_steps(self, num_steps: int) -> None:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -162,7 +187,7 @@ class Pipeline:
 
     def _warn_outside_range(self, scale: float | torch.Tensor) -> None:
         """A student was taught s in its guidance_range only; beyond it, it extrapolates."""
-        if self.guidance_range is None or not isinstance(scale, (int, float, torch.Tensor)):
+        if self.guidance_range is None or not isinstance(scale, (numbers.Real, torch.Tensor)):
             return  # a teacher, or a scale that guided_noise_pred will refuse
         lo, hi = self.guidance_range
         s = torch.as_tensor(scale)
@@ -188,16 +213,24 @@ class Pipeline:
             if len(negative) != batch_size:
                 raise UserError(f"negative_labels must be one id or one per label ({batch_size}), got {len(negative)}")
             variants["negative_labels"] = negative.to(self.device)
-        if isinstance(rescale, bool) or not (isinstance(rescale, (int, float)) and 0.0 <= rescale <= 1.0):
+        if isinstance(rescale, bool) or not (isinstance(rescale, numbers.Real) and 0.0 <= rescale <= 1.0):
             raise UserError(f"guidance_rescale must be a number in [0, 1] (0 is plain CFG), got {rescale!r}")
         if rescale:
             variants["rescale"] = float(rescale)
         if interval is not None:
+            T = self.scheduler.num_train_timesteps
             pair = isinstance(interval, (tuple, list)) and len(interval) == 2
-            if not (pair and all(isinstance(v, int) for v in interval) and 0 <= interval[0] <= interval[1]):
-                raise UserError(f"guidance_interval must be timesteps (t_lo, t_hi), 0 <= t_lo <= t_hi: {interval!r}")
-            variants["interval"] = tuple(interval)
+            ints = pair and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in interval)
+            if not (ints and 0 <= interval[0] <= interval[1] < T):
+                raise UserError(f"guidance_interval must be timesteps (t_lo, t_hi) with 0 <= t_lo <= t_hi < {T}, "
+                                f"got {interval!r}")  # fmt: skip
+            variants["interval"] = (int(interval[0]), int(interval[1]))
         return variants
+
+
+def _rows(value: object, rows: slice) -> object:
+    """A per-sample (B,) tensor cut to `rows`; anything else (a float, an interval) is shared by every chunk."""
+    return value[rows] if isinstance(value, torch.Tensor) and value.ndim == 1 else value
 
 
 def sample_scale_grid(
@@ -225,13 +258,18 @@ def load_pipeline(
     path: str | Path, device: str | torch.device = "cpu", scheduler: str = "ddim", weights: str = "ema"
 ) -> Pipeline:
     """Rebuild a Pipeline from one checkpoint (teacher or student), its EMA weights by default."""
-    ckpt = load_checkpoint(path)
+    device = pick_device(str(device))
+    ckpt = require(load_checkpoint(path), DATASET_KEYS, path)
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    try:
+        noise_schedule = SCHEDULERS[scheduler](**ckpt["scheduler_config"])
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{str(path)!r} has a scheduler_config this code cannot read ({err})") from None
     guidance_range = ckpt.get("guidance_range")
     return Pipeline(
         model=model_from_checkpoint(ckpt, weights).to(device),
-        scheduler=SCHEDULERS[scheduler](**ckpt["scheduler_config"]),
+        scheduler=noise_schedule,
         dataset=ckpt["dataset"],
         image_size=ckpt["image_size"],
         channels=ckpt["channels"],

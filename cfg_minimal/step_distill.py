@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 from . import distributed
-from .checkpoint import dataset_metadata, load_checkpoint, model_from_checkpoint
+from .checkpoint import dataset_metadata, load_checkpoint, model_from_checkpoint, weights_fingerprint
 from .data import ImageData, load_dataset
 from .distill import DistillConfig, sample_scales
 from .errors import UserError
 from .guidance import guided_noise_pred
-from .loop import LossFn, OptimConfig, fit, stored_config
+from .loop import LossFn, OptimConfig, existing_run, fit, resume_config
 from .models import DiffusionModel
 from .schedulers import DDIMScheduler
 
@@ -132,7 +132,12 @@ CARRIED = ("kind", "model_config", "guidance_range", "distill_config", "teacher_
 
 
 def halve_sampling_steps(
-    student_path: str | Path, cfg: StepDistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
+    student_path: str | Path,
+    cfg: StepDistillConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Halve a guided student's sampling steps round by round; writes OUT_DIR/student_{n}steps.pt per round.
 
@@ -152,9 +157,8 @@ def halve_sampling_steps(
     paths = []
     for n in sizes:
         path = Path(out_dir) / f"student_{n}steps.pt"
-        resume_from = load_checkpoint(path, kind="student") if resume and path.exists() else None
-        if resume_from is None or resume_from["train_step"] < resume_from["max_train_steps"]:
-            distill_round(previous, n_previous, n, cfg, data, path, resume_from, progress)
+        resume_from = existing_run(path, "student", resume, overwrite)
+        distill_round(previous, n_previous, n, cfg, data, path, resume_from, progress)
         previous, n_previous = load_checkpoint(path, kind="student"), n
         paths.append(path)
     return paths
@@ -170,16 +174,25 @@ def distill_round(
     resume_from: dict[str, Any] | None,
     progress: bool,
 ) -> None:
-    """One round: a copy of the previous checkpoint's EMA model learns to sample in n = n_previous / 2 steps."""
-    if resume_from is not None:  # a resumed round keeps the settings it was started with
-        cfg = stored_config(StepDistillConfig, resume_from["step_distill_config"], cfg.optim.device)
+    """One round: a copy of the previous checkpoint's EMA model learns to sample in n = n_previous / 2 steps.
+
+    A resumed round must halve the same previous model (compared by weights); a finished one is kept."""
+    fingerprint = weights_fingerprint(previous["ema"])
+    if resume_from is not None:
+        if resume_from.get("previous_fingerprint") != fingerprint:
+            raise UserError(f"--resume: {str(path)!r} was distilled from another model than the one it would "
+                            "halve now; pass the student it started from, or choose another --out")  # fmt: skip
+        rounds = ("start_sampling_steps", "target_sampling_steps")  # where the rounds end may change
+        cfg = resume_config(StepDistillConfig, resume_from, "step_distill_config", cfg, also_changeable=rounds)
+        if resume_from["train_step"] >= cfg.optim.max_train_steps:
+            return
     torch.manual_seed(cfg.optim.seed + n)
     device = distributed.pick_device(cfg.optim.device)
     previous_model = model_from_checkpoint(previous, "ema").to(device).requires_grad_(False)
-    scales = stored_config(DistillConfig, previous["distill_config"], cfg.optim.device)  # s as the student learnt it
+    scales = DistillConfig(**{**previous["distill_config"], "optim": OptimConfig()})  # s as the student learnt it
     metadata = dict(
         **dataset_metadata(previous), **{key: previous[key] for key in CARRIED if key in previous},
-        sampling_steps=n, step_distill_config=asdict(cfg),
+        sampling_steps=n, step_distill_config=asdict(cfg), previous_fingerprint=fingerprint,
         step_rounds=[*previous.get("step_rounds", []), dict(from_sampling_steps=n_previous, to_sampling_steps=n)],
     )  # fmt: skip
     loss_fn = step_distillation_loss(previous_model, previous["scheduler_config"], n_previous, scales)

@@ -16,10 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import load_checkpoint
 from .data import dataset_info, load_dataset
-from .errors import UserError
-from .loop import FitResult, LossFn, OptimConfig, fit, stored_config, with_optim
+from .loop import FitResult, LossFn, OptimConfig, existing_run, fit, resume_config, with_optim
 from .models import build_model
 from .recipes import recipe
 from .schedulers import DDPMScheduler
@@ -52,24 +50,23 @@ def schedule_config(cfg: TeacherConfig) -> dict[str, Any]:
     return dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
 
 
-def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> FitResult:
+def train_teacher(
+    cfg: TeacherConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, overwrite: bool = False
+) -> FitResult:
     """Train a CFG teacher on cfg.dataset; writes OUT_DIR/teacher.pt and returns its EMA model.
 
-    Under torchrun, call distributed.init() first; every process then runs this (see loop.fit)."""
+    An existing teacher.pt is continued with `resume` (see loop.resume_config), replaced with
+    `overwrite`, and otherwise an error. Under torchrun, call distributed.init() first; every process
+    then runs this (see loop.fit)."""
     info = dataset_info(cfg.dataset)  # an unknown name fails here, before the recipe is looked up
     defaults = recipe(cfg.dataset, cfg.arch)
     cfg = replace(cfg, arch=cfg.arch or defaults["arch"])
     if cfg.optim.max_train_steps is None:
         cfg = with_optim(cfg, max_train_steps=defaults["teacher_train_steps"])
     path = Path(out_dir) / "teacher.pt"
-    resume_from = load_checkpoint(path, kind="teacher") if resume and path.exists() else None
+    resume_from = existing_run(path, "teacher", resume, overwrite)
     if resume_from is not None:
-        stored = resume_from["teacher_config"]
-        for key in ("dataset", "arch"):
-            if stored[key] != getattr(cfg, key):
-                raise UserError(f"--resume: {str(path)!r} was trained with --{key} {stored[key]}, not "
-                                f"{getattr(cfg, key)}; pass the same flags, or choose another --out")  # fmt: skip
-        cfg = stored_config(TeacherConfig, stored, cfg.optim.device)
+        cfg = resume_config(TeacherConfig, resume_from, "teacher_config", cfg)
     torch.manual_seed(cfg.optim.seed)  # the same initial weights in every process
     with distributed.main_first():  # rank 0 downloads, the others then read its copy
         data = load_dataset(cfg.dataset, cfg.data_dir, train=True)

@@ -128,7 +128,7 @@ def test_evaluate_sweep_writes_every_scale_and_model(run_dir, tmp_path):
         ("sample.py", ["{run}/teacher.pt", "--guidance-rescale", "2"], "guidance_rescale must be a number in [0, 1]"),
         ("train_mnist.py", ["--stage", "distill", "--teacher", "{run}/student.pt", "--out", "{tmp}"],
          "is a student checkpoint, but a teacher is needed"),
-        ("train_mnist.py", ["--resume", "--out", "{run}", "--arch", "dit-tiny"], "was trained with --arch unet-tiny"),
+        ("train_mnist.py", ["--resume", "--out", "{run}", "--arch", "dit-tiny"], "was trained with arch=unet-tiny"),
     ],
 )  # fmt: skip
 def test_user_mistakes_exit_2_with_one_message(run_dir, tmp_path, script, args, message):

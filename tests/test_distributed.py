@@ -79,6 +79,7 @@ def test_train_mnist_under_torchrun_writes_once_from_rank0(tmp_path):
                       "--device", "cpu", "--no-progress", "--out", str(tmp_path))  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("2 processes x batch 8 = effective batch 16") == 1  # printed by rank 0 only
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "samples_teacher.png", "teacher.pt"]
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock")  # .lock: the output folder's lock
+    assert written == ["loss.png", "samples_teacher.png", "teacher.pt"]
     ckpt = load_checkpoint(tmp_path / "teacher.pt", kind="teacher")
     assert ckpt["train_step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng_per_rank"]) == 2
