@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from cfg_minimal import UserError, load_pipeline, pick_device
-from cfg_minimal.classifier import load_or_train_classifier
 from cfg_minimal.data import load_dataset, to_unit_range
-from cfg_minimal.evaluate import CACHE_DIR, generate, score
-from cfg_minimal.metrics import class_diversity, classifier_stats
+from cfg_minimal.evaluate import Judge, generate
+from cfg_minimal.metrics import classifier_stats
 from cfg_minimal.plotting import save_scale_grid
 from cfg_minimal.sampling import Pipeline
 
@@ -66,10 +65,8 @@ def main() -> None:
     args = p.parse_args()
     device = pick_device(args.device)
     teacher = load_pipeline(args.teacher, device=device)
-    classifier, _ = load_or_train_classifier(teacher.dataset, args.data_dir, CACHE_DIR, device=device)
-    real = load_dataset(teacher.dataset, args.data_dir, train=False)
-    real_stats = classifier_stats(classifier, real.images.to(device))
-    real_div = class_diversity(real_stats.features, real.labels, real.info.num_classes)
+    judge = Judge.load(teacher.dataset, args.data_dir, device)
+    classifier, real = judge.classifier, load_dataset(teacher.dataset, args.data_dir, train=False)
     real_ink = float(to_unit_range(real.images).mean())
 
     K = teacher.num_classes
@@ -107,7 +104,7 @@ def main() -> None:
             continue
         probs = classifier_stats(classifier, images.to(device)).logits.softmax(dim=1)  # (n, K)
         row = dict(
-            model=model_name, variant=variant, scale=scale, **score(classifier, real_stats, real_div, images, labels),
+            model=model_name, variant=variant, scale=scale, **judge(images, labels),
             ink=float(to_unit_range(images).mean()) / real_ink, p_neg=float(probs.gather(1, negative[:, None]).mean()),
             evals=(counter.images - before) / args.n, seconds=seconds,
         )  # fmt: skip

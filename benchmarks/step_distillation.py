@@ -18,10 +18,7 @@ import json
 from pathlib import Path
 
 from cfg_minimal import load_checkpoint, load_pipeline, pick_device
-from cfg_minimal.classifier import load_or_train_classifier
-from cfg_minimal.data import load_dataset
-from cfg_minimal.evaluate import CACHE_DIR, generate, score
-from cfg_minimal.metrics import class_diversity, classifier_stats
+from cfg_minimal.evaluate import Judge, generate
 from cfg_minimal.schedulers import DDIMScheduler
 
 
@@ -50,10 +47,7 @@ def main() -> None:
         pipe = load_pipeline(path, device=device)
         rows.append(("step-distilled student", pipe, pipe.sampling_steps))
 
-    classifier, _ = load_or_train_classifier(teacher.dataset, args.data_dir, CACHE_DIR, device=device)
-    real = load_dataset(teacher.dataset, args.data_dir, train=False)
-    real_stats = classifier_stats(classifier, real.images.to(device))
-    real_div = class_diversity(real_stats.features, real.labels, real.info.num_classes)
+    judge = Judge.load(teacher.dataset, args.data_dir, device)
 
     results, reference_seconds = [], {}
     print(f"{'model':<38} {'steps':>5} {'s':>4} {'accuracy':>8} {'FD':>6} {'diversity':>9} {'ms/image':>8} speed-up")
@@ -63,7 +57,7 @@ def main() -> None:
             images, labels, seconds = generate(pipe, args.n, s, steps, seed=args.seed)
             reference_seconds.setdefault(s, seconds)  # the first row, the teacher, is the reference
             row = dict(model=name, sampling_steps=steps, scale=s,
-                       **score(classifier, real_stats, real_div, images, labels),
+                       **judge(images, labels),
                        ms_per_image=1000 * seconds / args.n, speedup=reference_seconds[s] / seconds)  # fmt: skip
             results.append(row)
             print(f"{name:<38} {steps:>5} {s:>4g} {row['accuracy']:>8.3f} {row['fd']:>6.2f} {row['diversity']:>9.2f} "

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,28 @@ def score(
         accuracy=accuracy(stats.preds, labels), fd=frechet_distance(stats.features, real_stats.features),
         diversity=class_diversity(stats.features, labels, num_classes) / real_diversity,
     )  # fmt: skip
+
+
+@dataclass
+class Judge:
+    """The evaluation classifier and the real test set's statistics: `judge(images, labels)` scores
+    samples (accuracy, FD, diversity) as `score` does. The benchmarks share it."""
+
+    classifier: Classifier
+    test_accuracy: float
+    real_stats: ClassifierStats
+    real_diversity: float
+
+    @classmethod
+    def load(cls, dataset: str, data_dir: str | Path, device: torch.device, progress: bool = True) -> Judge:
+        classifier, test_accuracy = load_or_train_classifier(dataset, data_dir, CACHE_DIR, device, progress)
+        real = load_dataset(dataset, data_dir, train=False)
+        real_stats = classifier_stats(classifier, real.images.to(device))
+        real_diversity = class_diversity(real_stats.features, real.labels.to(device), real.info.num_classes)
+        return cls(classifier, test_accuracy, real_stats, real_diversity)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return score(self.classifier, self.real_stats, self.real_diversity, images, labels)
 
 
 def relative_l2(images: torch.Tensor, reference: torch.Tensor) -> float:

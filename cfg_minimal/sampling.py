@@ -8,11 +8,13 @@ Sampling is deterministic given a CPU `torch.Generator` (or `x_T`): the starting
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +24,7 @@ from .distributed import pick_device
 from .errors import UserError
 from .guidance import guided_noise_pred
 from .models import DiffusionModel
-from .schedulers import SCHEDULERS, DDIMScheduler, DDPMScheduler
+from .schedulers import SCHEDULERS
 
 DEFAULT_SAMPLING_STEPS = 50  # what num_steps defaults to, unless a checkpoint was step-distilled
 # callback(i, t, x, x0_pred) after sampling step i at timestep t: the new sample and the predicted x_0
@@ -32,7 +34,7 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 @torch.no_grad()
 def sample_loop(
     model: DiffusionModel,
-    scheduler: DDIMScheduler | DDPMScheduler,
+    scheduler: Any,  # this project's DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, or diffusers'
     x_T: torch.Tensor,
     labels: torch.Tensor,
     guidance_scale: float | torch.Tensor,
@@ -45,23 +47,39 @@ def sample_loop(
 ) -> torch.Tensor:
     """x_T (B, C, H, W) -> x_0 (B, C, H, W): at each of `num_steps` timesteps, eps = guided_noise_pred, then step.
 
-    `callback(i, t, x, x0_pred)`, if given, runs after sampling step i (at timestep t) with the new
-    sample x (B, C, H, W) and the step's predicted x_0: watch an image form. After the last step x
-    is the returned image. `variants` (negative_labels, rescale, interval) go to guided_noise_pred."""
+    `scheduler` is one of this project's or any diffusers scheduler (diffusers' protocol: x_T times
+    `init_noise_sigma`, the network sees `scale_model_input(x, t)`). `callback(i, t, x, x0_pred)`, if
+    given, runs after sampling step i (at timestep t) with the new sample x (B, C, H, W) and the step's
+    predicted x_0 (None where the scheduler gives none): watch an image form. After the last step x is
+    the returned image. `variants` (negative_labels, rescale, interval) go to guided_noise_pred."""
     scheduler.set_timesteps(num_steps)
-    # DDIM: re-derive eps from the clipped x_0 (as GLIDE and Imagen do). A guided eps at s > 1 often
-    # implies an x_0 far outside [-1, 1]; clipping x_0 but keeping that eps in the direction term
-    # makes the step inconsistent, and samples at s >= 3 turn to noise.
-    step_kwargs = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
-    x = x_T
+    step_kwargs = _step_kwargs(scheduler, generator)
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="sampling", disable=not progress, leave=False)):
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
-        eps = guided_noise_pred(model, x, t_batch, labels, guidance_scale, batched, **variants)  # (B, C, H, W)
-        out = scheduler.step(eps, t, x, generator=generator, **step_kwargs)
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if t == int(t) else torch.float32)
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        eps = guided_noise_pred(model, x_in, t_batch, labels, guidance_scale, batched, **variants)  # (B, C, H, W)
+        out = scheduler.step(eps, t, x, **step_kwargs)
         x = out.prev_sample  # (B, C, H, W)
         if callback is not None:
-            callback(i, t, x, out.pred_original_sample)
+            callback(i, t, x, getattr(out, "pred_original_sample", None))
     return x
+
+
+def _step_kwargs(scheduler: object, generator: torch.Generator | None) -> dict:
+    """The keyword arguments of `scheduler.step` besides (eps, t, x): the generator, where it takes one,
+    and for DDIM `use_clipped_model_output`: eps re-derived from the clipped x_0 (as GLIDE and Imagen
+    do). A guided eps at s > 1 often implies an x_0 far outside [-1, 1]; clipping x_0 but keeping that
+    eps in the direction term makes the step inconsistent, and samples at s >= 3 turn to noise."""
+    accepted = inspect.signature(scheduler.step).parameters
+    wanted = {"generator": generator, "use_clipped_model_output": True}
+    return {key: value for key, value in wanted.items() if key in accepted}
+
+
+def train_timesteps(scheduler: object) -> int:
+    """T of a scheduler of this project's or of diffusers' (which keeps it in `config`)."""
+    config = getattr(scheduler, "config", None)
+    return int(config["num_train_timesteps"] if config is not None else scheduler.num_train_timesteps)
 
 
 def check_labels(labels: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -88,7 +106,7 @@ class Pipeline:
     """A trained model with its scheduler; call it to sample images in [-1, 1]."""
 
     model: DiffusionModel
-    scheduler: DDIMScheduler | DDPMScheduler
+    scheduler: Any  # any of this project's schedulers, or a diffusers scheduler
     dataset: str
     image_size: int
     channels: int
@@ -176,10 +194,10 @@ class Pipeline:
     def _check_num_steps(self, num_steps: int) -> None:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise UserError(f"num_steps must be a positive integer, got {num_steps!r}")
-        if num_steps > self.scheduler.num_train_timesteps:
-            raise UserError(f"num_steps must be at most {self.scheduler.num_train_timesteps} (the training timesteps)")
-        base = self.scheduler.aligned_base
-        if self.scheduler.timestep_spacing == "aligned" and base % num_steps:
+        if num_steps > train_timesteps(self.scheduler):
+            raise UserError(f"num_steps must be at most {train_timesteps(self.scheduler)} (the training timesteps)")
+        base = getattr(self.scheduler, "aligned_base", None)  # a step-distilled model's grid (this project's DDIM)
+        if getattr(self.scheduler, "timestep_spacing", None) == "aligned" and base % num_steps:
             raise UserError(
                 f"this model was step-distilled on a grid of {base} sampling steps halved: num_steps must "
                 f"divide {base} (it was trained for {self.sampling_steps}), got {num_steps}"
@@ -218,7 +236,7 @@ class Pipeline:
         if rescale:
             variants["rescale"] = float(rescale)
         if interval is not None:
-            T = self.scheduler.num_train_timesteps
+            T = train_timesteps(self.scheduler)
             pair = isinstance(interval, (tuple, list)) and len(interval) == 2
             ints = pair and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in interval)
             if not (ints and 0 <= interval[0] <= interval[1] < T):
@@ -262,8 +280,11 @@ def load_pipeline(
     ckpt = require(load_checkpoint(path), DATASET_KEYS, path)
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    config = ckpt["scheduler_config"]
+    if scheduler == "dpmsolver++":  # its own timestep spacings; the noise schedule is the model's
+        config = {key: config[key] for key in ("num_train_timesteps", "beta_schedule") if key in config}
     try:
-        noise_schedule = SCHEDULERS[scheduler](**ckpt["scheduler_config"])
+        noise_schedule = SCHEDULERS[scheduler](**config)
     except (TypeError, ValueError) as err:
         raise UserError(f"{str(path)!r} has a scheduler_config this code cannot read ({err})") from None
     guidance_range = ckpt.get("guidance_range")

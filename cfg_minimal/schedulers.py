@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
@@ -218,4 +219,94 @@ class DDIMScheduler(_Scheduler):
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+class DPMSolverMultistepScheduler(_Scheduler):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", Algorithm 2): a second-order multistep solver of the diffusion ODE in data
+    prediction, the options and numbers of diffusers' `DPMSolverMultistepScheduler` (algorithm_type
+    'dpmsolver++', solver_order 2, solver_type 'midpoint', final_sigmas_type 'zero').
+
+    With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t), and the
+    step i going from t_i to t_{i+1} with h_i = lambda_{t_{i+1}} - lambda_{t_i}:
+        1. x0_i    = (x_i - sigma_i eps_i) / alpha_i       the data prediction (clipped if clip_sample)
+        2. D_i     = x0_i + (x0_i - x0_{i-1}) / (2 r_i),   r_i = h_{i-1} / h_i   (D_i = x0_i: first order)
+        3. x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (exp(-h_i) - 1) D_i
+    The first step has no x0_{i-1} and is first order (that is DDIM); so is the last, which ends at
+    sigma = 0 and returns x0 (`lower_order_final`). `set_timesteps` forgets the previous x0.
+
+    With CFG at s > 1 a guided eps can imply an x0 far outside [-1, 1], most of all at the noisiest
+    timesteps of the cosine schedule (alpha_999 = 0.00005 there): unclipped, that x0 is carried into
+    every later step and the samples diverge. `clip_sample` (on by default, as for DDIM) keeps x0 in
+    [-1, 1]; `lambda_min_clipped` (diffusers' other remedy) skips the timesteps with lambda below it.
+    """
+
+    def __init__(
+        self,
+        *args,
+        timestep_spacing: str = "linspace",
+        lower_order_final: bool = True,
+        lambda_min_clipped: float = -math.inf,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if timestep_spacing not in ("linspace", "leading", "trailing"):
+            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose linspace, leading or trailing")
+        self.timestep_spacing, self.aligned_base = timestep_spacing, None
+        self.lower_order_final, self.lambda_min_clipped = lower_order_final, lambda_min_clipped
+        abar = self.alphas_cumprod
+        self.lambdas = torch.log(abar.sqrt()) - torch.log((1 - abar).sqrt())  # (T,) lambda_t, decreasing in t
+        self._previous: tuple[int, torch.Tensor] | None = None  # (step index, x0) of the last step
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """diffusers' spacings, below the last timestep whose lambda is at least `lambda_min_clipped`:
+        'linspace': round(linspace(0, last, n + 1))[::-1][:-1]; 'leading': k (last // (n + 1)), k = n ... 1;
+        'trailing': round(arange(last, 0, -T / n)) - 1."""
+        n, T = num_inference_steps, self.num_train_timesteps
+        if not isinstance(n, int) or not 1 <= n <= T:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {n!r}")
+        last = T - int(torch.searchsorted(torch.flip(self.lambdas, [0]), self.lambda_min_clipped))
+        if self.timestep_spacing == "linspace":
+            timesteps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
+        elif self.timestep_spacing == "leading":
+            timesteps = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + self.steps_offset
+        else:
+            timesteps = np.arange(last, 0, -T / n).round() - 1
+        self.timesteps = torch.from_numpy(timesteps.astype(np.int64))
+        self.num_inference_steps = len(self.timesteps)
+        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # (T,) the noise-to-signal ratio
+        sigmas = np.interp(timesteps, np.arange(T), sigmas.numpy())  # at the timesteps, as diffusers does
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (n + 1,)
+        self._previous = None
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> SchedulerOutput:
+        """One step of the equations above from `timestep`; `generator` is accepted and unused (an ODE)."""
+        i = int((self.timesteps == int(timestep)).nonzero()[0, 0])
+        alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
+        x0 = (sample - sigma_s * model_output) / alpha_s  # 1. (B, C, H, W)
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        h = (torch.log(alpha_t) - torch.log(sigma_t)) - (torch.log(alpha_s) - torch.log(sigma_s))
+        D = x0
+        last = i == len(self.timesteps) - 1  # ends at sigma = 0: first order
+        if self._previous is not None and self._previous[0] == i - 1 and not (last and self.lower_order_final):
+            alpha_r, sigma_r = self._alpha_sigma(self.sigmas[i - 1])
+            r = ((torch.log(alpha_s) - torch.log(sigma_s)) - (torch.log(alpha_r) - torch.log(sigma_r))) / h
+            D = x0 + 0.5 * (1.0 / r) * (x0 - self._previous[1])  # 2.
+        prev_sample = (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * D  # 3.
+        self._previous = (i, x0)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    @staticmethod
+    def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise-to-signal ratio sigma = sigma_t / alpha_t -> (alpha_t, sigma_t), with alpha_t^2 + sigma_t^2 = 1."""
+        alpha = 1 / ((sigma**2 + 1) ** 0.5)
+        return alpha, sigma * alpha
+
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}

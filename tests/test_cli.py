@@ -44,11 +44,13 @@ def test_train_writes_every_file(run_dir):
     assert set(metrics["models"]) == {"teacher", "student"}
 
 
-@pytest.mark.parametrize("ckpt", ["teacher.pt", "student.pt"])
-def test_sample_reads_either_checkpoint(run_dir, ckpt, tmp_path):
+@pytest.mark.parametrize(
+    "ckpt, sampler", [("teacher.pt", "ddim"), ("student.pt", "ddim"), ("teacher.pt", "dpmsolver++")]
+)
+def test_sample_reads_either_checkpoint(run_dir, ckpt, sampler, tmp_path):
     out = tmp_path / "grid.png"
     result = run("sample.py", str(run_dir / ckpt), "--scales", "0", "1", "3", "--n-per-class", "2",
-                 "--sampling-steps", "3", "--out", str(out), "--device", "cpu")  # fmt: skip
+                 "--sampling-steps", "3", "--sampler", sampler, "--out", str(out), "--device", "cpu")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size[0] > 100
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_model
 
 from cfg_minimal import DDIMScheduler, DDPMScheduler, Pipeline, UserError, guided_noise_pred
+from cfg_minimal.schedulers import DPMSolverMultistepScheduler
 
-SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
 
 def make_pipeline(arch: str = "unet-tiny", sampler: str = "ddim", **model_kwargs) -> Pipeline:
@@ -20,7 +23,7 @@ def make_pipeline(arch: str = "unet-tiny", sampler: str = "ddim", **model_kwargs
 LABELS = [0, 3, 7, 9]
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_s0_equals_sampling_with_null_labels(arch, sampler):
     pipe = make_pipeline(arch, sampler)
     null = [pipe.null_class] * len(LABELS)
@@ -34,7 +37,7 @@ def test_s0_equals_sampling_with_null_labels(arch, sampler):
     assert not torch.allclose(at_s0, run(LABELS, 1.0), atol=1e-3)  # the label matters, so this is not vacuous
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_s1_equals_the_plain_conditional_sampler(arch, sampler):
     pipe = make_pipeline(arch, sampler)
     labels = torch.tensor(LABELS)
@@ -116,3 +119,21 @@ def test_the_callback_sees_every_step_and_its_last_sample_is_the_image(arch):
     first = pipe.scheduler.step(eps, t0, x_T, use_clipped_model_output=True)
     torch.testing.assert_close(seen[0][2], first.prev_sample, rtol=0, atol=1e-6)
     torch.testing.assert_close(seen[0][3], first.pred_original_sample, rtol=0, atol=1e-6)
+
+
+def test_diffusers_schedulers_drop_into_the_pipeline():
+    """diffusers' DDIM and DPM-Solver++ through the same Pipeline give this project's samples (its
+    protocol: init_noise_sigma, scale_model_input, step's keyword arguments)."""
+    diffusers = pytest.importorskip("diffusers")
+    pipe = make_pipeline()
+    x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(6))
+    kw = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    pairs = [
+        (DDIMScheduler(**kw), diffusers.DDIMScheduler(**kw)),
+        (DPMSolverMultistepScheduler(**kw, clip_sample=False, lambda_min_clipped=-5.1),
+         diffusers.DPMSolverMultistepScheduler(**kw, lambda_min_clipped=-5.1)),
+    ]  # fmt: skip
+    for ours, theirs in pairs:
+        a = replace(pipe, scheduler=ours)(LABELS, 3.0, num_steps=8, x_T=x_T)
+        b = replace(pipe, scheduler=theirs)(LABELS, 3.0, num_steps=8, x_T=x_T)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from cfg_minimal.schedulers import DDIMScheduler, DDPMScheduler, make_betas
+from cfg_minimal.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, make_betas
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -123,3 +125,39 @@ def test_bad_arguments_are_refused():
         DDIMScheduler(timestep_spacing="middle")
     with pytest.raises(ValueError, match="num_inference_steps"):
         DDIMScheduler().set_timesteps(0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("num_steps", [4, 10, 20])
+@pytest.mark.parametrize("lambda_min_clipped", [-math.inf, -5.1])
+def test_dpm_solver_trajectory_matches_diffusers(schedule, spacing, num_steps, lambda_min_clipped):
+    """DPM-Solver++(2M), unclipped, against diffusers' DPMSolverMultistepScheduler at every step. The
+    eps here are random, not a network's, so the cosine schedule's noisiest steps blow the trajectory
+    up (x0 = (x - sigma eps) / alpha with alpha_999 = 0.00005): the tolerance is relative to its scale."""
+    kw = dict(num_train_timesteps=1000, beta_schedule=schedule, timestep_spacing=spacing,
+              lambda_min_clipped=lambda_min_clipped)  # fmt: skip
+    ours, ref = DPMSolverMultistepScheduler(**kw, clip_sample=False), diffusers.DPMSolverMultistepScheduler(**kw)
+    for _ in range(2):  # the second round checks that set_timesteps resets the multistep state
+        ours.set_timesteps(num_steps)
+        ref.set_timesteps(num_steps)
+        assert ours.timesteps.tolist() == ref.timesteps.tolist()
+        x, eps_list = trajectory_inputs(num_steps, seed=num_steps)
+        x_ours, x_ref = x.clone(), x.clone()
+        for t, eps in zip(ours.timesteps, eps_list):
+            x_ours, x_ref = ours.step(eps, t, x_ours).prev_sample, ref.step(eps, t, x_ref).prev_sample
+            torch.testing.assert_close(x_ours, x_ref, rtol=1e-4, atol=1e-5 * float(x_ref.abs().max()))
+
+
+def test_dpm_solver_first_step_is_ddim():
+    """With no earlier x0 the update is first order, x' = (sigma'/sigma) x - alpha' (exp(-h) - 1) x0, which
+    is DDIM's x' = alpha' x0 + sigma' eps (eta = 0) written in lambda: the two must agree."""
+    dpm = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    ddim = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    dpm.set_timesteps(10)
+    ddim.set_timesteps(10)
+    x, (eps,) = trajectory_inputs(1, seed=3)
+    t = int(dpm.timesteps[0])
+    torch.testing.assert_close(dpm.step(eps, t, x).prev_sample,
+                               ddim.step(eps, t, x, use_clipped_model_output=True).prev_sample,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
