@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = sample_scale_grid(pipe, args.scales, args.n_per_class, steps, args.seed, progress=True, **variants)
         seconds = time.perf_counter() - start
         kind = "student (1 pass per step)" if pipe.is_student else "CFG teacher"
-        title = f"{kind} on {pipe.dataset}, {steps} {args.sampler.upper()} steps, seed {args.seed}"
+        sampler = {"ddim": "DDIM", "ddpm": "DDPM", "dpmsolver++": "DPM-Solver++"}[args.sampler]
+        title = f"{kind} on {pipe.dataset}, {steps} {sampler} steps, seed {args.seed}"
         if args.negative_label is not None:
             title += f", negative class {args.negative_label}"
         if args.guidance_rescale:

@@ -55,13 +55,15 @@ def sample_row(
 def divergence_check(run_dir: Path, device: torch.device, judge: Judge, n: int) -> list[dict]:
     """The CFG teacher at s = 3, 20 steps: diffusers' DPM-Solver++ as a user drops it in, this project's
     without and with clipping x0, and with lambda_min_clipped = -5.1 (diffusers' advice for cosine)."""
-    import diffusers
-
+    try:
+        import diffusers  # in requirements-dev.txt
+    except ImportError:
+        diffusers = None
     pipe = load_pipeline(run_dir / "teacher.pt", device=device)
     schedule = load_checkpoint(run_dir / "teacher.pt")["scheduler_config"]
     cfg = {key: schedule[key] for key in ("num_train_timesteps", "beta_schedule")}
     variants = {
-        "diffusers DPMSolverMultistepScheduler, defaults": diffusers.DPMSolverMultistepScheduler(**cfg),
+        "diffusers DPMSolverMultistepScheduler, defaults": diffusers and diffusers.DPMSolverMultistepScheduler(**cfg),
         "ours, clip_sample=False": DPMSolverMultistepScheduler(**cfg, clip_sample=False),
         "ours, clip_sample=False, lambda_min_clipped=-5.1": DPMSolverMultistepScheduler(
             **cfg, clip_sample=False, lambda_min_clipped=-5.1),
@@ -69,6 +71,8 @@ def divergence_check(run_dir: Path, device: torch.device, judge: Judge, n: int) 
     }  # fmt: skip
     rows = []
     for name, scheduler in variants.items():
+        if scheduler is None:  # diffusers is not installed
+            continue
         pipe.scheduler = scheduler
         labels = torch.arange(n) % pipe.num_classes
         try:
@@ -111,6 +115,8 @@ def measure(args: argparse.Namespace, pipes: dict, judge: Judge) -> list[dict]:
                 counters[id(pipe)] = count_evaluations(pipe)
             for s, seed in [(s, seed) for s in args.scales for seed in seeds]:
                 steps = budget // (2 if route.startswith("CFG") and s not in (0.0, 1.0) else 1)  # CFG: two passes
+                if steps == 0:  # the budget does not buy one step
+                    continue
                 images, evals, seconds = sample_row(pipe, counters[id(pipe)], s, steps, args.n, seed)
                 labels = torch.arange(args.n) % pipe.num_classes
                 row = dict(route=route, scale=s, budget=budget, evals=evals, sampling_steps=steps, seed=seed,

@@ -102,7 +102,7 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         digest.update(name.encode())
-        digest.update(state_dict[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(state_dict[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

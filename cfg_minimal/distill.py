@@ -95,7 +95,8 @@ def distill_student(
         if resume_from.get("teacher_fingerprint") != fingerprint:
             raise UserError(
                 f"--resume: {str(path)!r} was distilled from another teacher than {str(teacher_path)!r} (their "
-                "weights differ); pass the teacher it started from, or choose another --out"
+                "weights differ); pass the teacher it started from, distil a new student with --stage distill "
+                "--overwrite, or choose another --out"
             )
         cfg = resume_config(DistillConfig, resume_from, "distill_config", cfg)
     if cfg.optim.max_train_steps is None:

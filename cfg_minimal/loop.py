@@ -190,7 +190,7 @@ class Run:
         due = self.train_step % self.optim.checkpoint_every == 0 or self.train_step == self.max_train_steps
         if due or stopping:
             self.save()
-        if stopping and self.train_step < self.max_train_steps:
+        if stopping:  # even on the last train step: the next stage must not start
             self.bar.close()
             if self.rank == 0:
                 print(f"\ninterrupted at train step {self.train_step}/{self.max_train_steps}; saved {self.path}. "
@@ -276,7 +276,8 @@ def existing_run(path: Path, kind: str, resume: bool, overwrite: bool) -> dict[s
 
 
 # What a resumed run takes from the command that resumes it; every other setting must equal the stored one.
-CHANGEABLE_ON_RESUME = ("data_dir", "optim.device", "optim.checkpoint_every", "optim.max_train_steps")
+# The learning rate may change so that a run whose loss turned NaN can go on from its last checkpoint.
+CHANGEABLE_ON_RESUME = ("data_dir", "optim.device", "optim.checkpoint_every", "optim.max_train_steps", "optim.lr")
 
 
 def resume_config(
@@ -299,17 +300,18 @@ def resume_config(
         raise UserError(
             f"--resume: this run was trained with {', '.join(f'{k}={before[k]}' for k in differ)}, but this command "
             f"asks for {', '.join(f'{k}={now[k]}' for k in differ)}. Pass the same settings (only train steps, "
-            "paths, the device and the checkpoint interval may change), or choose another --out"
+            "the learning rate, paths, the device and the checkpoint interval may change), or choose another --out"
         )
     if now["optim.max_train_steps"] < ckpt["train_step"]:
         raise UserError(
             f"--resume: this run is already at train step {ckpt['train_step']}, past the "
             f"{now['optim.max_train_steps']} train steps asked for; ask for at least that many"
         )
-    optim = replace(stored.optim, **{k: now[f"optim.{k}"] for k in ("device", "checkpoint_every", "max_train_steps")})
+    changed = ("device", "checkpoint_every", "max_train_steps", "lr")
+    optim = replace(stored.optim, **{k: now[f"optim.{k}"] for k in changed})
     if distributed.is_main():
         print(f"resuming at train step {ckpt['train_step']} of {optim.max_train_steps} with the stored settings; "
-              "data_dir, device and checkpoint_every as this command gives them")  # fmt: skip
+              "data_dir, device, checkpoint_every and lr as this command gives them")  # fmt: skip
     return replace(stored, data_dir=requested.data_dir, optim=optim)
 
 

@@ -281,6 +281,9 @@ def load_pipeline(
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
     config = ckpt["scheduler_config"]
+    if scheduler != "ddim" and "sampling_steps" in ckpt:
+        raise UserError(f"{str(path)!r} was step-distilled for {ckpt['sampling_steps']} DDIM sampling steps on "
+                        "its own grid; sample it with the ddim sampler")  # fmt: skip
     if scheduler == "dpmsolver++":  # its own timestep spacings; the noise schedule is the model's
         config = {key: config[key] for key in ("num_train_timesteps", "beta_schedule") if key in config}
     try:

@@ -1,4 +1,4 @@
-"""Noise schedules and the DDPM / DDIM samplers, with diffusers' names and semantics.
+"""Noise schedules and the DDPM, DDIM and DPM-Solver++ samplers, with diffusers' names and semantics.
 
 Forward process (Ho et al. 2020, eq. 4):  x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,
 with abar_t = prod_{i<=t} (1 - beta_i) and integer t in [0, T).
@@ -51,7 +51,7 @@ class SchedulerOutput:
 
 
 class _Scheduler:
-    """What DDPM and DDIM share: the schedule, `add_noise` and `set_timesteps`."""
+    """What the samplers share: the schedule, `add_noise` and `set_timesteps`."""
 
     def __init__(
         self,
@@ -231,7 +231,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         2. D_i     = x0_i + (x0_i - x0_{i-1}) / (2 r_i),   r_i = h_{i-1} / h_i   (D_i = x0_i: first order)
         3. x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (exp(-h_i) - 1) D_i
     The first step has no x0_{i-1} and is first order (that is DDIM); so is the last, which ends at
-    sigma = 0 and returns x0 (`lower_order_final`). `set_timesteps` forgets the previous x0.
+    sigma = 0 and returns x0 (diffusers' final_sigmas_type 'zero'). `set_timesteps` forgets the previous x0.
 
     With CFG at s > 1 a guided eps can imply an x0 far outside [-1, 1], most of all at the noisiest
     timesteps of the cosine schedule (alpha_999 = 0.00005 there): unclipped, that x0 is carried into
@@ -243,7 +243,6 @@ class DPMSolverMultistepScheduler(_Scheduler):
         self,
         *args,
         timestep_spacing: str = "linspace",
-        lower_order_final: bool = True,
         lambda_min_clipped: float = -math.inf,
         **kwargs,
     ):
@@ -251,7 +250,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         if timestep_spacing not in ("linspace", "leading", "trailing"):
             raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose linspace, leading or trailing")
         self.timestep_spacing, self.aligned_base = timestep_spacing, None
-        self.lower_order_final, self.lambda_min_clipped = lower_order_final, lambda_min_clipped
+        self.lambda_min_clipped = lambda_min_clipped
         abar = self.alphas_cumprod
         self.lambdas = torch.log(abar.sqrt()) - torch.log((1 - abar).sqrt())  # (T,) lambda_t, decreasing in t
         self._previous: tuple[int, torch.Tensor] | None = None  # (step index, x0) of the last step
@@ -294,7 +293,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         h = (torch.log(alpha_t) - torch.log(sigma_t)) - (torch.log(alpha_s) - torch.log(sigma_s))
         D = x0
         last = i == len(self.timesteps) - 1  # ends at sigma = 0: first order
-        if self._previous is not None and self._previous[0] == i - 1 and not (last and self.lower_order_final):
+        if self._previous is not None and self._previous[0] == i - 1 and not last:
             alpha_r, sigma_r = self._alpha_sigma(self.sigmas[i - 1])
             r = ((torch.log(alpha_s) - torch.log(sigma_s)) - (torch.log(alpha_r) - torch.log(sigma_r))) / h
             D = x0 + 0.5 * (1.0 / r) * (x0 - self._previous[1])  # 2.

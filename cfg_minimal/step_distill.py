@@ -181,7 +181,8 @@ def distill_round(
     if resume_from is not None:
         if resume_from.get("previous_fingerprint") != fingerprint:
             raise UserError(f"--resume: {str(path)!r} was distilled from another model than the one it would "
-                            "halve now; pass the student it started from, or choose another --out")  # fmt: skip
+                            "halve now; pass the student it started from, redo the rounds with --overwrite, "
+                            "or choose another --out")  # fmt: skip
         rounds = ("start_sampling_steps", "target_sampling_steps")  # where the rounds end may change
         cfg = resume_config(StepDistillConfig, resume_from, "step_distill_config", cfg, also_changeable=rounds)
         if resume_from["train_step"] >= cfg.optim.max_train_steps:

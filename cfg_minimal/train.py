@@ -61,12 +61,12 @@ def train_teacher(
     info = dataset_info(cfg.dataset)  # an unknown name fails here, before the recipe is looked up
     defaults = recipe(cfg.dataset, cfg.arch)
     cfg = replace(cfg, arch=cfg.arch or defaults["arch"])
-    if cfg.optim.max_train_steps is None:
-        cfg = with_optim(cfg, max_train_steps=defaults["teacher_train_steps"])
     path = Path(out_dir) / "teacher.pt"
     resume_from = existing_run(path, "teacher", resume, overwrite)
-    if resume_from is not None:
+    if resume_from is not None:  # a train-step count left out means the stored one
         cfg = resume_config(TeacherConfig, resume_from, "teacher_config", cfg)
+    if cfg.optim.max_train_steps is None:
+        cfg = with_optim(cfg, max_train_steps=defaults["teacher_train_steps"])
     torch.manual_seed(cfg.optim.seed)  # the same initial weights in every process
     with distributed.main_first():  # rank 0 downloads, the others then read its copy
         data = load_dataset(cfg.dataset, cfg.data_dir, train=True)

@@ -141,8 +141,10 @@ def test_resume_takes_new_paths_and_more_train_steps_and_refuses_other_changes(t
     ckpt = load_checkpoint(tmp_path / "teacher.pt")
     assert ckpt["train_step"] == 6 and ckpt["teacher_config"]["data_dir"] == str(tmp_path / "b")
     assert "resuming at train step 4 of 6" in capsys.readouterr().out
-    with pytest.raises(UserError, match=r"optim\.lr=0\.002.*asks for optim\.lr=0\.01"):
-        train_teacher(with_optim(moved, lr=1e-2), tmp_path, resume=True, progress=False)
+    with pytest.raises(UserError, match=r"optim\.batch_size=8.*asks for optim\.batch_size=16"):
+        train_teacher(with_optim(moved, batch_size=16), tmp_path, resume=True, progress=False)
+    train_teacher(with_optim(moved, max_train_steps=None), tmp_path, resume=True, progress=False)  # no count given
+    assert load_checkpoint(tmp_path / "teacher.pt")["train_step"] == 6  # the stored 6, not the digits default 700
     with pytest.raises(UserError, match="already at train step 6"):
         train_teacher(with_optim(moved, max_train_steps=3), tmp_path, resume=True, progress=False)
     assert load_checkpoint(tmp_path / "teacher.pt")["train_step"] == 6

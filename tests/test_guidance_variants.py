@@ -93,15 +93,17 @@ def test_every_variant_acts_per_sample_as_alone(arch):
             torch.testing.assert_close(together[one], alone, rtol=1e-5, atol=1e-6)
 
 
-def test_interval_covering_every_step_is_plain_cfg_and_an_empty_one_is_conditional(arch):
-    pipe = make_pipeline(arch)
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+def test_interval_covering_every_step_is_plain_cfg_and_an_empty_one_is_conditional(arch, sampler):
+    pipe = make_pipeline(arch, sampler)
 
     def run(scale, **variants):
         return pipe(LABELS, scale, num_steps=10, generator=torch.Generator().manual_seed(0), **variants)
 
     plain = run(3.0)
     assert torch.equal(run(3.0, guidance_interval=(0, 999)), plain)
-    never = run(3.0, guidance_interval=(950, 999))  # 10 DDIM steps visit t = 900, 800, ..., 0
+    top, second = pipe.scheduler.timesteps[:2].tolist()  # DDIM: 900, 800; DPM-Solver++: 999, 899
+    never = run(3.0, guidance_interval=(second + 1, top - 1))  # between two grid points: no step inside
     assert torch.equal(never, run(1.0))
     assert not torch.allclose(never, plain, atol=1e-3)
 

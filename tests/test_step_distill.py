@@ -81,6 +81,8 @@ def test_the_checkpoint_step_count_drives_sampling(rounds):
     assert torch.equal(by_default, pipe([1, 2, 3], 3.0, num_steps=2, x_T=x_T))
     with pytest.raises(UserError, match="must divide 8"):
         pipe([1], 3.0, num_steps=3)
+    with pytest.raises(UserError, match="sample it with the ddim sampler"):  # another sampler would lose the grid
+        load_pipeline(paths[1], scheduler="dpmsolver++")
 
 
 def test_a_step_distilled_checkpoint_is_halved_from_its_own_step_count(rounds):

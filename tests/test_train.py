@@ -76,3 +76,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(UserError, match="loss became nan at train step 25.*last good checkpoint"):
         fit(build_model("unet-tiny"), loss_fn, data, path, {"kind": "teacher"}, optim, progress=False)
     assert torch.load(path, weights_only=True)["train_step"] == 20
+
+
+def test_a_stop_during_the_last_train_step_still_stops(tmp_path):
+    """Ctrl-C or SIGTERM on the last train step saves the finished run and still raises, so that a
+    following stage (the student after the teacher) does not start."""
+    calls = []
+
+    def loss_fn(model, x0, y):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by fit's stop flag
+        return (model(x0, torch.zeros(len(y), dtype=torch.long), y) - x0).pow(2).mean()
+
+    optim = OptimConfig(max_train_steps=5, batch_size=4, checkpoint_every=100, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model("unet-tiny"), loss_fn, load_dataset("digits"), tmp_path / "t.pt", {}, optim, progress=False)
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["train_step"] == 5
