@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -27,7 +26,7 @@ import torch
 from matplotlib.ticker import ScalarFormatter
 
 from cfg_minimal import UserError, load_checkpoint, load_pipeline, pick_device
-from cfg_minimal.evaluate import Judge
+from cfg_minimal.evaluate import Judge, generate
 from cfg_minimal.sampling import Pipeline
 from cfg_minimal.schedulers import DPMSolverMultistepScheduler
 
@@ -46,10 +45,9 @@ def sample_row(
     pipe: Pipeline, counter: list[int], scale: float, steps: int, n: int, seed: int
 ) -> tuple[torch.Tensor, float, float]:
     """n images, labels 0..K-1 repeated, from the noise of `seed` -> (images, evaluations per image, s / image)."""
-    before, start = counter[0], time.perf_counter()
-    labels = torch.arange(n) % pipe.num_classes
-    images = pipe(labels, scale, num_steps=steps, x_T=pipe.initial_noise(n, seed)).cpu()
-    return images, (counter[0] - before) / n, (time.perf_counter() - start) / n
+    before = counter[0]
+    images, _, seconds = generate(pipe, n, scale, steps, seed)
+    return images, (counter[0] - before) / n, seconds / n
 
 
 def divergence_check(run_dir: Path, device: torch.device, judge: Judge, n: int) -> list[dict]:
@@ -74,9 +72,8 @@ def divergence_check(run_dir: Path, device: torch.device, judge: Judge, n: int) 
         if scheduler is None:  # diffusers is not installed
             continue
         pipe.scheduler = scheduler
-        labels = torch.arange(n) % pipe.num_classes
         try:
-            images = pipe(labels, 3.0, num_steps=20, x_T=pipe.initial_noise(n, 0)).cpu()
+            images, labels, _ = generate(pipe, n, 3.0, 20)
             row = dict(variant=name, max_abs_pixel=float(images.abs().max()), **judge(images.clamp(-1, 1), labels))
         except UserError as err:  # a NaN result is refused by the pipeline
             row = dict(variant=name, failed=str(err))

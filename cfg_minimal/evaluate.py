@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +50,13 @@ def generate(
     progress: bool = False,
     **variants,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """n samples with labels 0, 1, ..., K-1, 0, 1, ... from the noise of `seed` -> (images, labels, seconds).
-
-    `variants`: the Pipeline's guidance keyword arguments; a (n,) `negative_labels` is split with the batches."""
+    """n samples with labels 0, 1, ..., K-1, 0, 1, ... from the noise of `seed` -> (images, labels, seconds),
+    sampled `batch_size` at a time. `variants`: the Pipeline's guidance keyword arguments."""
     labels = torch.arange(n) % pipe.num_classes  # (n,)
     x_T = pipe.initial_noise(n, seed)  # (n, C, H, W)
-    start, chunks = time.perf_counter(), []
-    negative = variants.pop("negative_labels", None)
-    for i in range(0, n, batch_size):
-        part = slice(i, i + batch_size)
-        chunk_negative = negative[part] if isinstance(negative, torch.Tensor) and negative.ndim == 1 else negative
-        chunks.append(pipe(labels[part], scale, num_steps, x_T=x_T[part], progress=progress,
-                           negative_labels=chunk_negative, **variants).cpu())  # fmt: skip
-    return torch.cat(chunks), labels, time.perf_counter() - start
+    start = time.perf_counter()
+    images = replace(pipe, max_batch_size=batch_size)(labels, scale, num_steps, x_T=x_T, progress=progress, **variants)
+    return images.cpu(), labels, time.perf_counter() - start
 
 
 def evals_per_image(pipe: Pipeline, scale: float, num_steps: int) -> int:
@@ -85,16 +79,10 @@ def sweep(
     first = next(iter(pipes.values()))
     if len({(p.dataset, p.image_size, p.channels) for p in pipes.values()}) > 1:
         raise UserError("the checkpoints of one sweep must come from the same dataset")
-    device = first.device
-    classifier_model, classifier_acc = classifier or load_or_train_classifier(
-        first.dataset, data_dir, CACHE_DIR, device=device, progress=progress
-    )
-    real = load_dataset(first.dataset, data_dir, train=False)
-    real_stats = classifier_stats(classifier_model, real.images.to(device))
-    real_diversity = class_diversity(real_stats.features, real.labels.to(device), real.info.num_classes)
+    judge = Judge.load(first.dataset, data_dir, first.device, progress, classifier)
     metrics: dict[str, Any] = dict(
         dataset=first.dataset, n=n, sampling_steps=num_steps, seed=seed, scales=list(scales),
-        classifier_test_accuracy=classifier_acc, real_diversity=real_diversity, models={},
+        classifier_test_accuracy=judge.test_accuracy, real_diversity=judge.real_diversity, models={},
     )  # fmt: skip
     images: dict[str, dict[float, torch.Tensor]] = {}
     for name, pipe in pipes.items():
@@ -103,7 +91,7 @@ def sweep(
         for s in scales:
             x, labels, seconds = generate(pipe, n, s, steps, seed)
             rows.append(dict(
-                scale=s, sampling_steps=steps, **score(classifier_model, real_stats, real_diversity, x, labels),
+                scale=s, sampling_steps=steps, **judge(x, labels),
                 evals_per_image=evals_per_image(pipe, s, steps), seconds_per_image=seconds / n,
             ))  # fmt: skip
             images[name][s] = x
@@ -149,8 +137,18 @@ class Judge:
     real_diversity: float
 
     @classmethod
-    def load(cls, dataset: str, data_dir: str | Path, device: torch.device, progress: bool = True) -> Judge:
-        classifier, test_accuracy = load_or_train_classifier(dataset, data_dir, CACHE_DIR, device, progress)
+    def load(
+        cls,
+        dataset: str,
+        data_dir: str | Path,
+        device: torch.device,
+        progress: bool = True,
+        classifier: tuple[Classifier, float] | None = None,
+    ) -> Judge:
+        """The cached classifier of `dataset` (trained on first use), or the given (classifier, test accuracy)."""
+        classifier, test_accuracy = classifier or load_or_train_classifier(
+            dataset, data_dir, CACHE_DIR, device, progress
+        )
         real = load_dataset(dataset, data_dir, train=False)
         real_stats = classifier_stats(classifier, real.images.to(device))
         real_diversity = class_diversity(real_stats.features, real.labels.to(device), real.info.num_classes)

@@ -285,27 +285,27 @@ class DPMSolverMultistepScheduler(_Scheduler):
     ) -> SchedulerOutput:
         """One step of the equations above from `timestep`; `generator` is accepted and unused (an ODE)."""
         i = int((self.timesteps == int(timestep)).nonzero()[0, 0])
-        alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
+        alpha_s, sigma_s, lambda_s = self._coefficients(self.sigmas[i])
+        alpha_t, sigma_t, lambda_t = self._coefficients(self.sigmas[i + 1])
         x0 = (sample - sigma_s * model_output) / alpha_s  # 1. (B, C, H, W)
         if self.clip_sample:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
-        h = (torch.log(alpha_t) - torch.log(sigma_t)) - (torch.log(alpha_s) - torch.log(sigma_s))
+        h = lambda_t - lambda_s
         D = x0
         last = i == len(self.timesteps) - 1  # ends at sigma = 0: first order
         if self._previous is not None and self._previous[0] == i - 1 and not last:
-            alpha_r, sigma_r = self._alpha_sigma(self.sigmas[i - 1])
-            r = ((torch.log(alpha_s) - torch.log(sigma_s)) - (torch.log(alpha_r) - torch.log(sigma_r))) / h
+            r = (lambda_s - self._coefficients(self.sigmas[i - 1])[2]) / h
             D = x0 + 0.5 * (1.0 / r) * (x0 - self._previous[1])  # 2.
         prev_sample = (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * D  # 3.
         self._previous = (i, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
     @staticmethod
-    def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The noise-to-signal ratio sigma = sigma_t / alpha_t -> (alpha_t, sigma_t), with alpha_t^2 + sigma_t^2 = 1."""
+    def _coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The noise-to-signal ratio sigma = sigma_t / alpha_t -> (alpha_t, sigma_t, lambda_t), with
+        alpha_t^2 + sigma_t^2 = 1 and lambda_t = log alpha_t - log sigma_t."""
         alpha = 1 / ((sigma**2 + 1) ** 0.5)
-        return alpha, sigma * alpha
+        return alpha, sigma * alpha, torch.log(alpha) - torch.log(sigma * alpha)
 
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
