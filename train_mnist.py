@@ -210,7 +210,8 @@ def run(args: argparse.Namespace) -> None:
 
 def train_stages(args: argparse.Namespace, out: Path, configs: dict[str, Any], progress: bool) -> None:
     """The stages --stage asks for, then the loss curves; only rank 0 draws."""
-    rank0, how = distributed.is_main(), dict(resume=args.resume, progress=progress, overwrite=args.overwrite)
+    if_exists = "resume" if args.resume else "overwrite" if args.overwrite else "error"
+    rank0, how = distributed.is_main(), dict(if_exists=if_exists, progress=progress)
     curves = {}
     teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
     grid_t = None

@@ -76,20 +76,15 @@ def distillation_loss(teacher: DiffusionModel, scheduler: DDPMScheduler, cfg: Di
 
 
 def distill_student(
-    teacher_path: str | Path,
-    cfg: DistillConfig,
-    out_dir: str | Path,
-    resume: bool = False,
-    progress: bool = True,
-    overwrite: bool = False,
+    teacher_path: str | Path, cfg: DistillConfig, out_dir: str | Path, if_exists: str = "error", progress: bool = True
 ) -> FitResult:
     """Distil OUT_DIR/student.pt from the teacher checkpoint at `teacher_path`.
 
-    `resume` continues an existing student.pt, of the same teacher only (compared by weights)."""
+    if_exists='resume' continues an existing student.pt, of the same teacher only (compared by weights)."""
     teacher_ckpt = load_checkpoint(teacher_path, kind="teacher")
     check_guidance_range(cfg)
     path = Path(out_dir) / "student.pt"
-    resume_from = existing_run(path, "student", resume, overwrite)
+    resume_from = existing_run(path, "student", if_exists)
     fingerprint = weights_fingerprint(teacher_ckpt["ema"])
     if resume_from is not None:
         if resume_from.get("teacher_fingerprint") != fingerprint:

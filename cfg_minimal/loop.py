@@ -262,14 +262,19 @@ def check_optim(optim: OptimConfig) -> None:
                         "positive integers, the learning rate a positive number, 0 <= ema_decay < 1)")  # fmt: skip
 
 
-def existing_run(path: Path, kind: str, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """The checkpoint at `path` to continue (with `resume`), or None to start afresh. A finished or
-    interrupted run is never replaced by accident: without resume or overwrite an existing file is an error."""
+IF_EXISTS = ("error", "resume", "overwrite")  # what a stage does with a checkpoint already at its path
+
+
+def existing_run(path: Path, kind: str, if_exists: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` to continue (if_exists='resume'), or None to start afresh. A finished or
+    interrupted run is never replaced by accident: with 'error' (the default) an existing file is an error."""
+    if if_exists not in IF_EXISTS:
+        raise UserError(f"if_exists must be one of {IF_EXISTS}, got {if_exists!r}")
     if path.is_dir():
         raise UserError(f"{str(path)!r} is a folder, not a checkpoint file; remove it or choose another --out")
-    if not path.exists() or (overwrite and not resume):
+    if not path.exists() or if_exists == "overwrite":
         return None
-    if not resume:
+    if if_exists == "error":
         raise UserError(f"{str(path)!r} already exists: pass --resume to continue that run, --overwrite to train "
                         "it again from scratch, or choose another --out")  # fmt: skip
     return load_checkpoint(path, kind=kind)

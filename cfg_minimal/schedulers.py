@@ -281,9 +281,10 @@ class DPMSolverMultistepScheduler(_Scheduler):
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
-        generator: torch.Generator | None = None,
+        **ignored: object,
     ) -> SchedulerOutput:
-        """One step of the equations above from `timestep`; `generator` is accepted and unused (an ODE)."""
+        """One step of the equations above from `timestep`. diffusers' other arguments (a generator, say)
+        are accepted and ignored: an ODE solver draws no noise."""
         i = int((self.timesteps == int(timestep)).nonzero()[0, 0])
         alpha_s, sigma_s, lambda_s = self._coefficients(self.sigmas[i])
         alpha_t, sigma_t, lambda_t = self._coefficients(self.sigmas[i + 1])

@@ -132,20 +132,15 @@ CARRIED = ("kind", "model_config", "guidance_range", "distill_config", "teacher_
 
 
 def halve_sampling_steps(
-    student_path: str | Path,
-    cfg: StepDistillConfig,
-    out_dir: str | Path,
-    resume: bool = False,
-    progress: bool = True,
-    overwrite: bool = False,
+    student: str | Path, cfg: StepDistillConfig, out_dir: str | Path, if_exists: str = "error", progress: bool = True
 ) -> list[Path]:
     """Halve a guided student's sampling steps round by round; writes OUT_DIR/student_{n}steps.pt per round.
 
     The first round halves `cfg.start_sampling_steps`, or the sampling steps the checkpoint was distilled to."""
-    previous = load_checkpoint(student_path, kind="student")
+    previous = load_checkpoint(student, kind="student")
     trained_for = previous.get("sampling_steps")  # set when the checkpoint is already step-distilled
     if trained_for is not None and cfg.start_sampling_steps not in (None, trained_for):
-        raise UserError(f"{str(student_path)!r} was step-distilled to {trained_for} sampling steps; "
+        raise UserError(f"{str(student)!r} was step-distilled to {trained_for} sampling steps; "
                         f"--start-sampling-steps must be {trained_for} (or left out)")  # fmt: skip
     n_previous = cfg.start_sampling_steps or trained_for or 64
     sizes = round_sizes(n_previous, cfg.target_sampling_steps)
@@ -157,7 +152,7 @@ def halve_sampling_steps(
     paths = []
     for n in sizes:
         path = Path(out_dir) / f"student_{n}steps.pt"
-        resume_from = existing_run(path, "student", resume, overwrite)
+        resume_from = existing_run(path, "student", if_exists)
         distill_round(previous, n_previous, n, cfg, data, path, resume_from, progress)
         previous, n_previous = load_checkpoint(path, kind="student"), n
         paths.append(path)

@@ -51,18 +51,18 @@ def schedule_config(cfg: TeacherConfig) -> dict[str, Any]:
 
 
 def train_teacher(
-    cfg: TeacherConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, overwrite: bool = False
+    cfg: TeacherConfig, out_dir: str | Path, if_exists: str = "error", progress: bool = True
 ) -> FitResult:
     """Train a CFG teacher on cfg.dataset; writes OUT_DIR/teacher.pt and returns its EMA model.
 
-    An existing teacher.pt is continued with `resume` (see loop.resume_config), replaced with
-    `overwrite`, and otherwise an error. Under torchrun, call distributed.init() first; every process
+    An existing teacher.pt is an error, continued with if_exists='resume' (see loop.resume_config) or
+    replaced with 'overwrite'. Under torchrun, call distributed.init() first; every process
     then runs this (see loop.fit)."""
     info = dataset_info(cfg.dataset)  # an unknown name fails here, before the recipe is looked up
     defaults = recipe(cfg.dataset, cfg.arch)
     cfg = replace(cfg, arch=cfg.arch or defaults["arch"])
     path = Path(out_dir) / "teacher.pt"
-    resume_from = existing_run(path, "teacher", resume, overwrite)
+    resume_from = existing_run(path, "teacher", if_exists)
     if resume_from is not None:  # a train-step count left out means the stored one
         cfg = resume_config(TeacherConfig, resume_from, "teacher_config", cfg)
     if cfg.optim.max_train_steps is None:

@@ -64,7 +64,7 @@ def main() -> None:
     except KeyboardInterrupt:
         dump["b_stopped_at"] = load_checkpoint(out / "b" / "teacher.pt")["train_step"]
     train.diffusion_loss = diffusion_loss
-    b = train_teacher(cfg, out / "b", resume=True, progress=False)
+    b = train_teacher(cfg, out / "b", if_exists="resume", progress=False)
     dump.update(b_model=b.model.state_dict(), b_ema=b.ema.state_dict())
 
     student_cfg = with_optim(DistillConfig(), max_train_steps=3, batch_size=BATCH, device="cpu")

@@ -137,16 +137,18 @@ def test_resume_takes_new_paths_and_more_train_steps_and_refuses_other_changes(t
     cfg = with_optim(TeacherConfig(arch="unet-tiny", data_dir=str(tmp_path / "a")), **OPTIM)
     train_teacher(cfg, tmp_path, progress=False)
     moved = with_optim(TeacherConfig(arch="unet-tiny", data_dir=str(tmp_path / "b")), **{**OPTIM, "max_train_steps": 6})
-    train_teacher(moved, tmp_path, resume=True, progress=False)
+    train_teacher(moved, tmp_path, if_exists="resume", progress=False)
     ckpt = load_checkpoint(tmp_path / "teacher.pt")
     assert ckpt["train_step"] == 6 and ckpt["teacher_config"]["data_dir"] == str(tmp_path / "b")
     assert "resuming at train step 4 of 6" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"optim\.batch_size=8.*asks for optim\.batch_size=16"):
-        train_teacher(with_optim(moved, batch_size=16), tmp_path, resume=True, progress=False)
-    train_teacher(with_optim(moved, max_train_steps=None), tmp_path, resume=True, progress=False)  # no count given
+        train_teacher(with_optim(moved, batch_size=16), tmp_path, if_exists="resume", progress=False)
+    train_teacher(
+        with_optim(moved, max_train_steps=None), tmp_path, if_exists="resume", progress=False
+    )  # no count given
     assert load_checkpoint(tmp_path / "teacher.pt")["train_step"] == 6  # the stored 6, not the digits default 700
     with pytest.raises(UserError, match="already at train step 6"):
-        train_teacher(with_optim(moved, max_train_steps=3), tmp_path, resume=True, progress=False)
+        train_teacher(with_optim(moved, max_train_steps=3), tmp_path, if_exists="resume", progress=False)
     assert load_checkpoint(tmp_path / "teacher.pt")["train_step"] == 6
 
 
