@@ -76,6 +76,8 @@ CONFIG_FLAGS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("--checkpoint-every", tuple(f"{s}.optim.checkpoint_every" for s in ALL), dict(help="train steps")),
     ("--seed", tuple(f"{s}.optim.seed" for s in ALL), dict(help="training, and the noise of the figures")),
     ("--device", tuple(f"{s}.optim.device" for s in ALL), dict(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")),
+    ("--channels-last", tuple(f"{s}.optim.channels_last" for s in ALL), dict(help="NHWC convolutions (speed only)")),
+    ("--compile", tuple(f"{s}.optim.compile" for s in ALL), dict(help="torch.compile the network (speed only)")),
 ]  # fmt: skip
 
 
@@ -113,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, targets, kwargs in CONFIG_FLAGS:
         default = getattr(*field_of(defaults, targets[0]))
         assert all(getattr(*field_of(defaults, t)) == default for t in targets), flag  # one default per flag
+        if isinstance(default, bool):  # a switch, off by default
+            p.add_argument(flag, action="store_true", **kwargs)
+            continue
         shown = "" if default is None else f" (default: {default})"
         p.add_argument(flag, **{"type": type(default), "default": default, **kwargs,
                                 "help": kwargs.get("help", "") + shown})  # fmt: skip

@@ -1,9 +1,17 @@
-"""Training throughput of the registered architectures: parameters and images/s per training step.
+"""Training throughput: images/s of one train step per architecture, image size, batch size and speed setting.
 
     python -m benchmarks.train_throughput --archs unet dit --sizes 16 28
+    python -m benchmarks.train_throughput --archs unet --sizes 28 --batch-sizes 128 256 512 \
+        --variants fp32 tf32 bf16 bf16+channels_last bf16+compile          # on a GPU: what pays
 
-One AdamW step on the eps-prediction loss at batch --batch-size; median of --repeats timed steps
-after two warm-up steps. Prints a markdown table.
+One train step as loop.fit takes it (the eps-prediction loss, backward, gradient clipping, AdamW, the
+EMA update) on random data; the median of --repeats timed steps after warm-up steps (the first of
+which, with +compile, includes the compilation: reported as its own column). Variants:
+  fp32      float32 everywhere (TF32 off)
+  tf32      float32 storage, TF32 matrix products and convolutions (CUDA)
+  bf16      bf16 autocast as loop.fit uses on CUDA, TF32 for what stays float32
+  +channels_last, +compile   loop.fit's OptimConfig.channels_last / .compile
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -11,46 +19,69 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from cfg_minimal import build_model, pick_device
+from cfg_minimal.loop import ema_update
+
+
+def one_config(
+    arch: str, size: int, batch: int, variant: str, device: torch.device, repeats: int
+) -> tuple[float, float]:
+    """(images/s, seconds of the first step) of `variant` (e.g. 'bf16+channels_last')."""
+    parts = variant.split("+")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = parts[0] != "fp32"
+    layout = torch.channels_last if "channels_last" in parts else torch.contiguous_format
+    model = build_model(arch, image_size=size).to(device, memory_format=layout).train()
+    ema = build_model(arch, image_size=size).to(device).requires_grad_(False)
+    net = torch.compile(model) if "compile" in parts else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=layout)  # (B, 1, H, W)
+    t = torch.randint(0, 1000, (batch,), device=device)  # (B,)
+    y = torch.randint(0, 10, (batch,), device=device)  # (B,)
+    bf16 = parts[0] == "bf16" and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    times = []
+    for _ in range(repeats + 3):
+        start = time.perf_counter()
+        with autocast:
+            loss = F.mse_loss(net(x, t, y).float(), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, model, 0.999)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times[3:]), times[0]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["unet", "dit"])
     p.add_argument("--sizes", type=int, nargs="+", default=[16, 28])
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
+    p.add_argument("--variants", nargs="+", default=["fp32"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = pick_device(args.device)
-    print(f"device {device} ({torch.get_num_threads()} threads), batch {args.batch_size}\n")
-    print("| arch | image | parameters | train images / s |")
-    print("|---|---:|---:|---:|")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {name}\n")
+    print("| arch | image | parameters | batch | variant | train images / s | first step s |")
+    print("|---|---:|---:|---:|---|---:|---:|")
     for arch in args.archs:
         for size in args.sizes:
-            model = build_model(arch, image_size=size).to(device).train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            x = torch.randn(args.batch_size, 1, size, size, device=device)
-            t = torch.randint(0, 1000, (args.batch_size,), device=device)
-            y = torch.randint(0, 10, (args.batch_size,), device=device)
-            times = []
-            for i in range(args.repeats + 2):
-                start = time.perf_counter()
-                loss = F.mse_loss(model(x, t, y), x)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i >= 2:
-                    times.append(time.perf_counter() - start)
-            params = sum(p.numel() for p in model.parameters()) / 1e6
-            speed = args.batch_size / statistics.median(times)
-            print(f"| {arch} | {size}x{size} | {params:.2f}M | {speed:.0f} |")
+            params = sum(p.numel() for p in build_model(arch, image_size=size).parameters()) / 1e6
+            for batch in args.batch_sizes:
+                for variant in args.variants:
+                    speed, first = one_config(arch, size, batch, variant, device, args.repeats)
+                    cells = [arch, f"{size}x{size}", f"{params:.2f}M", batch, variant, f"{speed:.0f}", f"{first:.2f}"]
+                    print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 
 from .errors import UserError
 from .models import DiffusionModel, build_model
+from .pretrained import load_pretrained
 
 FORMAT = "cfg_minimal"
 VERSION = 2  # 2: training progress is `train_step` / `max_train_steps`; configs nest an `optim` block
@@ -107,10 +108,24 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Load and check a checkpoint; every problem is a UserError that says what to do."""
+    """Load and check a checkpoint: a .pt file or a pretrained folder (pretrained.py); every problem is a
+    UserError that says what to do."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{str(path)!r} is a folder, not a checkpoint file; give the path of a .pt file in it")
+    ckpt = load_pretrained(path) if path.is_dir() else _load_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{str(path)!r} is not a cfg_minimal checkpoint (no 'format': {FORMAT!r} entry)")
+    if ckpt.get("version") != VERSION:
+        raise UserError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}, this code reads {VERSION}: "
+                        "retrain it, or load it with the version of cfg_minimal that wrote it")  # fmt: skip
+    require(ckpt, ("kind", "model_config", "ema"), path)
+    if kind is not None and ckpt.get("kind") != kind:
+        hint = " (distil from the teacher.pt of the same run)" if kind == "teacher" else ""
+        raise UserError(f"{str(path)!r} is a {ckpt.get('kind')} checkpoint, but a {kind} is needed here{hint}")
+    return ckpt
+
+
+def _load_file(path: Path) -> Any:
+    """torch.load of a .pt file, every failure a UserError."""
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist; train one with `python train_mnist.py --out DIR`")
     if not zipfile.is_zipfile(path):
@@ -131,15 +146,6 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
             f"{str(path)!r} is not a readable checkpoint (truncated or corrupt: {type(err).__name__}); "
             "retrain it, or use the last good copy"
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{str(path)!r} is not a cfg_minimal checkpoint (no 'format': {FORMAT!r} entry)")
-    if ckpt.get("version") != VERSION:
-        raise UserError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}, this code reads {VERSION}: "
-                        "retrain it, or load it with the version of cfg_minimal that wrote it")  # fmt: skip
-    require(ckpt, ("kind", "model_config", "ema"), path)
-    if kind is not None and ckpt.get("kind") != kind:
-        hint = " (distil from the teacher.pt of the same run)" if kind == "teacher" else ""
-        raise UserError(f"{str(path)!r} is a {ckpt.get('kind')} checkpoint, but a {kind} is needed here{hint}")
     return ckpt
 
 

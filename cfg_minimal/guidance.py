@@ -16,6 +16,7 @@ The sampler and the distillation target both call `guided_noise_pred`, so they c
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -58,8 +59,12 @@ def as_scale_tensor(scale: float | torch.Tensor, batch_size: int, device: torch.
     else:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # NumPy scalars are Real too
             raise UserError(f"guidance_scale must be a number or a tensor, got {type(scale).__name__}")
-        scale = torch.full((batch_size,), float(scale), device=device)
-    if not torch.isfinite(scale).all():
+        if not math.isfinite(scale):
+            raise UserError(f"guidance_scale must be finite, got {scale}")
+        return torch.full((batch_size,), float(scale), device=device)
+    # A tensor on a GPU is not checked here: that would stall every sampling step. The Pipeline checks
+    # a user's scales on the CPU before moving them; the distillation losses draw theirs in range.
+    if scale.device.type == "cpu" and not torch.isfinite(scale).all():
         raise UserError(f"guidance_scale must be finite, got {scale[~torch.isfinite(scale)][0].item()}")
     return scale
 
@@ -102,8 +107,9 @@ def guided_noise_pred(
     """Guided epsilon for x (B, C, H, W), t (B,), y (B,) at scale s (float or (B,)).
 
     Teacher: cfg_combine(eps(x, t, null), eps(x, t, y), s), from one forward over the 2B batch
-    (`batched`) or two forwards. A sample with s = 0 needs only the unconditional pass and one
-    with s = 1 only the conditional pass, so those passes are skipped, per sample.
+    (`batched`) or two forwards. A scale of exactly 0 (or 1) given as a number needs only the
+    unconditional (conditional) pass, so the other is skipped; a per-sample scale tensor runs both
+    passes for every row and takes eps_u (eps_c) exactly where s = 0 (1).
     Student (a model with a guidance input): one pass, eps(x, t, y, s).
 
     Variants (all off by default, all per sample):
@@ -116,8 +122,11 @@ def guided_noise_pred(
     this is checked).
     """
     s = as_scale_tensor(scale, x.shape[0], x.device)  # (B,)
+    single_pass = None if isinstance(scale, torch.Tensor) or rescale != 0 else float(scale)  # one s for all rows
     if interval is not None:
         s = interval_scale(s, t, interval)
+        if single_pass is not None:  # the rows' s may now differ (a host sync on a GPU; the interval is opt-in)
+            single_pass = float(s[0]) if bool((s == s[0]).all()) else None
     null = torch.full_like(y, model.null_class)
     uncond_labels = null if negative_labels is None else negative_labels.to(y.device)  # (B,)
     if model.is_student:
@@ -132,17 +141,16 @@ def guided_noise_pred(
                 "student does not compute; sample with its teacher instead"
             )
         return model(x, t, y, guidance=s)
-    need_cond, need_uncond = (s != 0) | (rescale != 0), s != 1  # (B,) bool each; rescale needs eps_c
-    x_in, t_in = torch.cat([x[need_cond], x[need_uncond]]), torch.cat([t[need_cond], t[need_uncond]])
-    y_in = torch.cat([y[need_cond], uncond_labels[need_uncond]])  # (n_cond + n_uncond,)
-    n_cond = int(need_cond.sum())
-    parts = [slice(None)] if batched else [slice(0, n_cond), slice(n_cond, None)]  # one forward or two
-    eps = torch.cat(
-        [model(x_in[p], t_in[p], y_in[p]) for p in parts if len(x_in[p]) > 0]
-    )  # (n_cond + n_uncond, C, H, W)
-    eps_c_rows, eps_u_rows = eps.split([n_cond, len(eps) - n_cond])
-    # A skipped pass has coefficient 0 in cfg_combine; zeros keep the result exact (eps_u + 0 * ...).
-    eps_c = eps.new_zeros(x.shape).index_put_((need_cond,), eps_c_rows)  # (B, C, H, W)
-    eps_u = eps.new_zeros(x.shape).index_put_((need_uncond,), eps_u_rows)  # (B, C, H, W)
-    guided = cfg_combine(eps_u, eps_c, s)
+    if single_pass == 0.0:  # s = 0 for every sample: eps_u alone
+        return model(x, t, uncond_labels)
+    if single_pass == 1.0:  # s = 1: eps_c alone
+        return model(x, t, y)
+    if batched:  # one forward over the 2B batch
+        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, uncond_labels])).chunk(2)
+    else:
+        eps_c, eps_u = model(x, t, y), model(x, t, uncond_labels)  # (B, C, H, W) each
+    # Rows at s = 0 or 1 take eps_u or eps_c exactly (cfg_combine would round). Selecting rows with where
+    # keeps the batch's shape fixed, so a GPU never waits for the host to count them.
+    s_4d = s.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+    guided = torch.where(s_4d == 1, eps_c, torch.where(s_4d == 0, eps_u, cfg_combine(eps_u, eps_c, s)))
     return rescale_guidance(guided, eps_c, rescale) if rescale != 0 else guided

@@ -50,6 +50,8 @@ class OptimConfig:
     checkpoint_every: int = 500  # train steps between checkpoints (one is also written at the end and on Ctrl-C)
     seed: int = 0
     device: str = "auto"  # auto: CUDA, then MPS, then CPU
+    channels_last: bool = False  # NHWC convolutions: speed only, the same model
+    compile: bool = False  # torch.compile the network: speed only, after a compile of tens of seconds
 
 
 @dataclass
@@ -75,9 +77,8 @@ def fit(
     Writes `path` (metadata + model, EMA, optimizer, RNG state and loss history); `resume_from` is such
     a checkpoint, loaded. A non-finite loss raises a UserError and keeps the last good checkpoint."""
     device = distributed.pick_device(optim.device)
-    model.to(device).train()
-    net = distributed.wrap(model, device)  # what the loss calls: DDP (gradients averaged over processes) or model
-    batches = Batches(data, optim.batch_size, optim.seed, device)
+    net = prepare(model, device, optim)  # what the loss calls: model, or a compiled / DDP wrapper of it
+    batches = Batches(data, optim.batch_size, optim.seed, device, optim.channels_last)
     run = Run(model, optim, path, metadata, batches, resume_from, progress, log_every)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with stop_requests() as stop_requested:
@@ -87,14 +88,23 @@ def fit(
                 group["lr"] = lr_at(step, optim.lr, optim.warmup_steps, run.max_train_steps)
             with autocast:
                 loss = loss_fn(net, x0, y)  # scalar
-            value, stopping = run.check(loss, stop_requested())  # the same on every process
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             run.optimizer.step()
             ema_update(run.ema, model, min(optim.ema_decay, (1 + step) / (10 + step)))  # EMA, warmed up
-            run.end_step(value, stopping)  # log; checkpoint when due; KeyboardInterrupt when stopping
+            run.end_step(loss, stop_requested())  # log; check the loss; checkpoint when due; stop when asked
     return run.finish()
+
+
+def prepare(model: nn.Module, device: torch.device, optim: OptimConfig) -> nn.Module:
+    """Move `model` to `device` in training mode; return what the loss should call (DDP and torch.compile
+    wrap it, the weights stay `model`'s). On CUDA, float32 matrix products may use TF32."""
+    model.to(device, memory_format=torch.channels_last if optim.channels_last else torch.preserve_format).train()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    net = distributed.wrap(model, device)  # DDP (gradients averaged over processes) or model itself
+    return torch.compile(net) if optim.compile else net
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
@@ -107,9 +117,8 @@ def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, for all parameters in one fused call."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 class Batches:
@@ -119,7 +128,8 @@ class Batches:
     the same W * batch_size indices from a generator seeded with `seed` and keeps its own slice, so
     the processes together see one global batch; the generator's state goes into the checkpoint."""
 
-    def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device, channels_last: bool = False):
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.images, self.labels = data.images.to(device), data.labels.to(device)
         self.batch_size, self.device = batch_size, device
         self.generator = torch.Generator().manual_seed(seed)  # used with several processes only
@@ -131,7 +141,7 @@ class Batches:
         else:
             idx = torch.randint(0, n, (world * b,), generator=self.generator)  # (W*B,) the global batch
             idx = idx[rank * b : (rank + 1) * b].to(self.device)  # (B,) this process's shard
-        return self.images[idx], self.labels[idx]
+        return self.images[idx].contiguous(memory_format=self.layout), self.labels[idx]
 
 
 class Run:
@@ -153,7 +163,8 @@ class Run:
         self.max_train_steps, self.log_every = optim.max_train_steps, log_every
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-        self.train_step, self.losses, self.window = 0, [], []  # window: the losses since the last logged mean
+        self.train_step, self.losses = 0, []
+        self.window_sum, self.window_len = torch.zeros(()), 0  # the losses since the last logged mean
         self.saved_step: int | None = None  # the train step of this run's last checkpoint
         self.world, self.rank = distributed.world_size(), distributed.rank()
         if self.world > 1:
@@ -166,28 +177,29 @@ class Run:
         self.bar = tqdm(total=self.max_train_steps, initial=self.train_step, desc=f"training {self.path.stem}",
                         disable=not (progress and self.rank == 0), dynamic_ncols=True)  # fmt: skip
 
-    def check(self, loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
-        """(the loss averaged over processes, whether any process was asked to stop); a NaN or inf loss raises."""
-        value, stopping = distributed.mean_and_any(loss.detach(), stop_requested)
-        if not math.isfinite(value):
-            self.bar.close()
-            kept = "no checkpoint of this run was written"
-            if self.saved_step is not None:
-                kept = f"keeping the last good checkpoint {str(self.path)!r} (train step {self.saved_step})"
-            raise UserError(f"the loss became {value} at train step {self.train_step}; stopped, {kept}. "
-                            "A lower learning rate usually helps")  # fmt: skip
-        return value, stopping
+    def end_step(self, loss: torch.Tensor, stop_requested: bool) -> None:
+        """Count the train step and add its loss to the window. Every `log_every` train steps, before a
+        checkpoint and when asked to stop: check the window's mean (a NaN or inf raises, so no checkpoint
+        ever holds the weights it produced), log it, write the checkpoint when due, stop when asked to.
 
-    def end_step(self, value: float, stopping: bool) -> None:
-        """Count the train step, log its loss, write a checkpoint when one is due, stop when asked to."""
+        Only those train steps wait for the device (a GPU runs ahead of the host in between). Under
+        torchrun every process checks at the same train steps, so a stop asked of one process is
+        acted on at the next log point of all."""
         self.train_step += 1
-        self.window.append(value)
-        if len(self.window) == self.log_every:
-            self.losses.append(sum(self.window) / len(self.window))
-            self.window = []
-            self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}")
+        loss = loss.detach().float()  # stays on the device: no copy to the host
+        self.window_sum = loss if self.window_len == 0 else self.window_sum + loss
+        self.window_len += 1
         self.bar.update(1)
+        logs = self.window_len == self.log_every
         due = self.train_step % self.optim.checkpoint_every == 0 or self.train_step == self.max_train_steps
+        if not (logs or due or (stop_requested and self.world == 1)):
+            return
+        value, stopping = distributed.mean_and_any(self.window_sum / self.window_len, stop_requested)
+        self.check(value)
+        if logs:
+            self.losses.append(value)
+            self.window_sum, self.window_len = torch.zeros(()), 0
+            self.bar.set_postfix(loss=f"{value:.4f}")
         if due or stopping:
             self.save()
         if stopping:  # even on the last train step: the next stage must not start
@@ -196,6 +208,18 @@ class Run:
                 print(f"\ninterrupted at train step {self.train_step}/{self.max_train_steps}; saved {self.path}. "
                       "Run the same command with --resume.")  # fmt: skip
             raise KeyboardInterrupt
+
+    def check(self, value: float) -> None:
+        """A non-finite mean loss stops the run; the last checkpoint was written before any bad step."""
+        if math.isfinite(value):
+            return
+        self.bar.close()
+        kept = "no checkpoint of this run was written"
+        if self.saved_step is not None:
+            kept = f"keeping the last good checkpoint {str(self.path)!r} (train step {self.saved_step})"
+        first = self.train_step - self.window_len + 1
+        raise UserError(f"the loss became {value} in train steps {first}-{self.train_step}; stopped, {kept}. "
+                        "A lower learning rate usually helps")  # fmt: skip
 
     def finish(self) -> FitResult:
         self.bar.close()
@@ -213,7 +237,8 @@ class Run:
                 **self.metadata, "train_step": self.train_step, "max_train_steps": self.max_train_steps,
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
-                "losses": self.losses, "loss_window": self.window, **extra,
+                "losses": self.losses, "loss_window_sum": float(self.window_sum), "loss_window_len": self.window_len,
+                **extra,
             })  # fmt: skip
         self.saved_step = self.train_step
         distributed.barrier()  # when save returns on any process, the file is on disk
@@ -223,7 +248,10 @@ class Run:
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.train_step, self.losses, self.window = ckpt["train_step"], list(ckpt["losses"]), list(ckpt["loss_window"])
+        self.train_step, self.losses = ckpt["train_step"], list(ckpt["losses"])
+        old = ckpt.get("loss_window", [])  # written before loss_window_sum: the window's losses, one per train step
+        self.window_sum = torch.tensor(float(ckpt.get("loss_window_sum", sum(old))))
+        self.window_len = int(ckpt.get("loss_window_len", len(old)))
         self.saved_step = self.train_step
         written_by = ckpt.get("world_size", 1)
         if written_by == self.world:  # exact: every process continues its own random streams
@@ -281,8 +309,10 @@ def existing_run(path: Path, kind: str, if_exists: str) -> dict[str, Any] | None
 
 
 # What a resumed run takes from the command that resumes it; every other setting must equal the stored one.
-# The learning rate may change so that a run whose loss turned NaN can go on from its last checkpoint.
-CHANGEABLE_ON_RESUME = ("data_dir", "optim.device", "optim.checkpoint_every", "optim.max_train_steps", "optim.lr")
+# The learning rate may change so that a run whose loss turned NaN can go on from its last checkpoint;
+# channels_last and compile change speed, not the model.
+CHANGEABLE_ON_RESUME = ("data_dir", "optim.device", "optim.checkpoint_every", "optim.max_train_steps", "optim.lr",
+                        "optim.channels_last", "optim.compile")  # fmt: skip
 
 
 def resume_config(
@@ -312,11 +342,11 @@ def resume_config(
             f"--resume: this run is already at train step {ckpt['train_step']}, past the "
             f"{now['optim.max_train_steps']} train steps asked for; ask for at least that many"
         )
-    changed = ("device", "checkpoint_every", "max_train_steps", "lr")
+    changed = ("device", "checkpoint_every", "max_train_steps", "lr", "channels_last", "compile")
     optim = replace(stored.optim, **{k: now[f"optim.{k}"] for k in changed})
     if distributed.is_main():
         print(f"resuming at train step {ckpt['train_step']} of {optim.max_train_steps} with the stored settings; "
-              "data_dir, device, checkpoint_every and lr as this command gives them")  # fmt: skip
+              "data_dir, device, checkpoint_every, lr and the speed switches as this command gives them")  # fmt: skip
     return replace(stored, data_dir=requested.data_dir, optim=optim)
 
 

@@ -2,8 +2,10 @@
 
     images = load_pipeline("runs/digits/teacher.pt")(labels=[3, 3, 7], guidance_scale=3.0)
 
-Sampling is deterministic given a CPU `torch.Generator` (or `x_T`): the starting noise
-(`Pipeline.initial_noise`, the one place it is drawn) and any DDPM noise come from it on the CPU.
+Sampling is deterministic given a seed, a CPU `torch.Generator` or `x_T`: the starting noise
+(`Pipeline.initial_noise`, the one place it is drawn) and any DDPM noise come from the CPU. A seed ties
+each sample's x_T to its index, so DDIM and DPM-Solver++ give the same images however the samples are
+batched, on whichever device (up to floating-point differences between devices).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from .checkpoint import DATASET_KEYS, load_checkpoint, model_from_checkpoint, require
 from .distributed import pick_device
 from .errors import UserError
-from .guidance import guided_noise_pred
+from .guidance import as_scale_tensor, guided_noise_pred
 from .models import DiffusionModel
 from .schedulers import SCHEDULERS
 
@@ -131,11 +133,19 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def initial_noise(self, n: int, rng: int | torch.Generator | None = None) -> torch.Tensor:
-        """x_T (n, C, H, W) ~ N(0, I), drawn on the CPU from `rng` (a seed or a CPU generator), so that
-        a seed gives the same noise, and hence the same images, on every device."""
-        generator = torch.Generator().manual_seed(rng) if isinstance(rng, int) else rng
-        return torch.randn(n, self.channels, self.image_size, self.image_size, generator=generator)
+    def initial_noise(self, n: int, rng: int | torch.Generator | None = None, start: int = 0) -> torch.Tensor:
+        """x_T (n, C, H, W) ~ N(0, I) of samples start, ..., start + n - 1, drawn on the CPU.
+
+        With a seed, sample i's noise comes from its own generator, seeded by (seed, i): it depends on the
+        sample's index alone, not on the device, the batch size or how samples are split over calls or
+        processes. A CPU generator (or None: the global one) instead draws all n in turn."""
+        shape = (self.channels, self.image_size, self.image_size)
+        if isinstance(rng, int):
+            # A CPU generator keeps 32 bits of its seed. For one seed the n values differ (the map is one to
+            # one in i); the golden-ratio multiplier keeps the ranges of different seeds apart.
+            seeds = [(rng * 0x9E3779B9 + i) % 2**32 for i in range(start, start + n)]
+            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return torch.randn(n, *shape, generator=rng)
 
     def __call__(
         self,
@@ -156,16 +166,16 @@ class Pipeline:
         Guidance variants (see guidance.guided_noise_pred): `negative_labels` (one id for all, or one per
         label) replace the null label in the unconditional pass; `guidance_rescale` is phi in [0, 1];
         `guidance_interval` = (t_lo, t_hi) guides only at timesteps t_lo <= t <= t_hi. `callback`: see
-        sample_loop (called per chunk of max_batch_size labels). The scale is checked by guided_noise_pred,
-        where it is used. A result with NaN or inf is a UserError, never returned."""
+        sample_loop (called per chunk of max_batch_size labels). The scale is checked by as_scale_tensor
+        (a tensor once, on the CPU). A result with NaN or inf is a UserError, never returned."""
         labels = check_labels(labels, self.num_classes).to(self.device)  # (B,)
         variants = self._check_variants(len(labels), negative_labels, guidance_rescale, guidance_interval)
         num_steps = self.sampling_steps if num_steps is None else num_steps
         self._check_num_steps(num_steps)
         self._warn_outside_range(guidance_scale)
         x_T = self.initial_noise(len(labels), generator) if x_T is None else self._check_x_T(x_T, len(labels))
-        if isinstance(guidance_scale, torch.Tensor):
-            guidance_scale = guidance_scale.to(self.device)  # once, not at every step
+        if isinstance(guidance_scale, torch.Tensor):  # checked on the CPU, moved once, not at every step
+            guidance_scale = as_scale_tensor(guidance_scale.cpu(), len(labels), "cpu").to(self.device)
         chunks = []
         for start in range(0, len(labels), self.max_batch_size):
             rows = slice(start, start + self.max_batch_size)

@@ -75,6 +75,7 @@ class _Scheduler:
         self.aligned_base = aligned_base
         self.betas = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end)  # (T,)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # abar_t, (T,)
+        self._on_device: dict[torch.device, torch.Tensor] = {}  # alphas_cumprod_on's copies
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)  # until set_timesteps is called
 
@@ -105,9 +106,16 @@ class _Scheduler:
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4); timesteps (B,)."""
-        abar = self.alphas_cumprod.to(original_samples.device)[timesteps].to(original_samples.dtype)  # (B,)
+        abar = self.alphas_cumprod_on(original_samples.device)[timesteps].to(original_samples.dtype)  # (B,)
         abar = abar.view(-1, *([1] * (original_samples.ndim - 1)))  # (B, 1, 1, 1)
         return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
+
+    def alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
+        """abar (T,) on `device`, copied there once: a copy from the host at every train step would make
+        a GPU wait for it."""
+        if device not in self._on_device:
+            self._on_device[device] = self.alphas_cumprod.to(device)
+        return self._on_device[device]
 
     def _abar(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t]

@@ -63,35 +63,49 @@ def round_sizes(start: int, target: int) -> list[int]:
 
 
 def ddim_x0_target(
-    scheduler: DDIMScheduler, z_t: torch.Tensor, t: int, z_target: torch.Tensor, t_target: int
+    z_t: torch.Tensor, abar: torch.Tensor, z_target: torch.Tensor, abar_end: torch.Tensor
 ) -> torch.Tensor:
-    """The x_0 whose DDIM step (eta = 0) from z_t at t lands on z_target at t_target (Salimans & Ho's x~):
+    """The x_0 whose DDIM step (eta = 0) from z_t (abar) lands on z_target (abar_end): Salimans & Ho's x~.
 
-    a step is z_target = sqrt(abar') x_0 + sqrt(1 - abar') eps with eps = (z_t - sqrt(abar) x_0) / sqrt(1 - abar),
-    so  x~ = (z_target - c z_t) / (sqrt(abar') - c sqrt(abar)),  c = sqrt((1 - abar') / (1 - abar))."""
-    abar = scheduler.alphas_cumprod[t]
-    abar_end = scheduler.alphas_cumprod[t_target] if t_target >= 0 else scheduler.final_alpha_cumprod
-    c = ((1 - abar_end) / (1 - abar)).sqrt()
+    A step is z_target = sqrt(abar') x_0 + sqrt(1 - abar') eps with eps = (z_t - sqrt(abar) x_0) / sqrt(1 - abar),
+    so  x~ = (z_target - c z_t) / (sqrt(abar') - c sqrt(abar)),  c = sqrt((1 - abar') / (1 - abar)).
+    abar and abar_end: per sample, (B, 1, 1, 1)."""
+    c = ((1 - abar_end) / (1 - abar)).sqrt()  # (B, 1, 1, 1)
     return (z_target - c * z_t) / (abar_end.sqrt() - c * abar.sqrt())  # (B, C, H, W)
+
+
+def ddim_step(
+    eps: torch.Tensor, z: torch.Tensor, abar: torch.Tensor, abar_next: torch.Tensor, clip: float | None
+) -> torch.Tensor:
+    """DDIMScheduler.step (eta = 0, use_clipped_model_output) with per-sample abar, abar_next (B, 1, 1, 1):
+    x_0 = clip((z - sqrt(1 - abar) eps) / sqrt(abar)), eps re-derived from the clipped x_0, then
+    z' = sqrt(abar') x_0 + sqrt(1 - abar') eps (Song et al. 2021, eq. 12 with sigma = 0)."""
+    x0 = (z - (1 - abar).sqrt() * eps) / abar.sqrt()  # (B, C, H, W)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+        eps = (z - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
 
 
 @torch.no_grad()
 def two_step_target(
     previous: DiffusionModel,
-    fine: DDIMScheduler,
     z_t: torch.Tensor,
-    t: int,
-    t_end: int,
     y: torch.Tensor,
     s: torch.Tensor,
+    timesteps: torch.Tensor,
+    abar: torch.Tensor,
+    clip: float | None,
 ) -> torch.Tensor:
-    """x~ for z_t (B, C, H, W) at t: run the previous model's sampler steps t -> t' -> t_end, then invert."""
-    z, u = z_t, t
-    while u != t_end:
-        eps = guided_noise_pred(previous, z, torch.full_like(y, u), y, s)  # (B, C, H, W)
-        z = fine.step(eps, u, z, use_clipped_model_output=True).prev_sample  # exactly as the sampler steps
-        u = fine.previous_timestep(u)
-    return ddim_x0_target(fine, z_t, t, z, t_end)
+    """x~ for z_t (B, C, H, W): two DDIM steps of the previous model, then inverted (ddim_x0_target).
+
+    timesteps, abar: (B, 3) per sample, the previous sampler's points t -> t' -> t'' and their abar (the
+    last step ends at abar = the sampler's final one). All samples step at once, each at its own t."""
+    z = z_t
+    for j in (0, 1):
+        eps = guided_noise_pred(previous, z, timesteps[:, j], y, s)  # (B, C, H, W)
+        z = ddim_step(eps, z, abar[:, j, None, None, None], abar[:, j + 1, None, None, None], clip)
+    return ddim_x0_target(z_t, abar[:, 0, None, None, None], z, abar[:, 2, None, None, None])
 
 
 def step_distillation_loss(
@@ -104,23 +118,26 @@ def step_distillation_loss(
     the target costs nothing while one clipped on the wrong side is still pulled back."""
     fine = DDIMScheduler(**scheduler_config)
     fine.set_timesteps(n_previous)
-    grid = fine.timesteps[0::2]  # (n/2,) the student's grid: every other point, from the same top
-    ends = [*grid[1:].tolist(), -1]  # where a student step from grid[k] lands
-    lo, hi = -fine.clip_sample_range, fine.clip_sample_range
+    # The previous sampler's points, then its end (t = -1, abar = final_alpha_cumprod): the student's
+    # step k goes from point 2k over 2k + 1 to 2k + 2.
+    points = torch.cat([fine.timesteps, torch.tensor([-1])])  # (n + 1,)
+    abar_at = torch.cat([fine.alphas_cumprod[fine.timesteps], fine.final_alpha_cumprod.view(1)])  # (n + 1,)
+    spans = torch.arange(0, n_previous, 2)[:, None] + torch.arange(3)  # (n/2, 3) point indices of each step
+    clip = fine.clip_sample_range if fine.clip_sample else None
+    on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def loss_fn(student: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        k = torch.randint(0, len(grid), (x0.shape[0],))  # (B,) a grid point per sample
-        t = grid[k].to(x0.device)  # (B,)
+        if x0.device not in on_device:
+            on_device[x0.device] = (points[spans].to(x0.device), abar_at[spans].to(x0.device))
+        steps_t, steps_abar = on_device[x0.device]  # (n/2, 3) each
+        k = torch.randint(0, len(spans), (x0.shape[0],), device=x0.device)  # (B,) the student's step per sample
+        t, abar = steps_t[k, 0], steps_abar[k, 0].view(-1, 1, 1, 1)  # (B,), (B, 1, 1, 1)
         z_t = fine.add_noise(x0, torch.randn_like(x0), t)  # (B, C, H, W)
         s = sample_scales(x0.shape[0], scales, x0.device)  # (B,)
-        x_target = torch.empty_like(x0)
-        for point in k.unique().tolist():  # the scheduler steps one timestep at a time: group by grid point
-            rows = (k == point).to(x0.device)
-            x_target[rows] = two_step_target(previous, fine, z_t[rows], int(grid[point]), ends[point], y[rows], s[rows])
-        abar = fine.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        x_target = two_step_target(previous, z_t, y, s, steps_t[k], steps_abar[k], clip)  # (B, C, H, W)
         x0_pred = (z_t - (1 - abar).sqrt() * student(z_t, t, y, guidance=s).float()) / abar.sqrt()
-        if fine.clip_sample:
-            x0_pred = x0_pred + (x0_pred.clamp(lo, hi) - x0_pred).detach()  # clipped forward, identity backward
+        if clip is not None:
+            x0_pred = x0_pred + (x0_pred.clamp(-clip, clip) - x0_pred).detach()  # clipped forward, identity backward
         weight = (abar / (1 - abar)).clamp(min=1.0).flatten()  # (B,) truncated SNR
         return (weight * (x0_pred - x_target.float()).pow(2).mean(dim=(1, 2, 3))).mean()
 

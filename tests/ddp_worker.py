@@ -22,7 +22,8 @@ import cfg_minimal.train as train
 from cfg_minimal import TeacherConfig, distributed, load_checkpoint, train_teacher, with_optim
 from cfg_minimal.distill import DistillConfig, distill_student
 
-STEPS, BATCH, SIGTERM_AT = 10, 4, 2  # SIGTERM_AT: 0-based train step during which rank 1 is signalled
+STEPS, BATCH, SIGTERM_AT = 16, 4, 2  # SIGTERM_AT: 0-based train step during which rank 1 is signalled
+LOG_EVERY = 10  # fit's default: every process checks for a stop at these train steps
 diffusion_loss = train.diffusion_loss
 
 

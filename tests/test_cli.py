@@ -160,6 +160,11 @@ def test_each_flag_sets_exactly_the_config_fields_it_names():
     defaults = flat(train_mnist.configs_from(train_mnist.parse_args([])))
     for flag, targets, kwargs in train_mnist.CONFIG_FLAGS:
         default = defaults[targets[0]]
+        if isinstance(default, bool):  # a switch: present means True
+            changed = flat(train_mnist.configs_from(train_mnist.parse_args([flag])))
+            assert {k for k in defaults if changed[k] != defaults[k]} == set(targets), flag
+            assert default is False and all(changed[t] is True for t in targets), flag
+            continue
         if "choices" in kwargs:
             value = next(c for c in kwargs["choices"] if c != default)
         elif isinstance(default, float):

@@ -73,9 +73,11 @@ class CountingModel(torch.nn.Module):
 @pytest.mark.parametrize(
     "scale, batched, calls, images",
     [(0.0, True, 1, 4), (1.0, True, 1, 4), (3.0, True, 1, 8), (3.0, False, 2, 8),
-     (torch.tensor([0.0, 1.0, 3.0, 3.0]), True, 1, 6)],
+     (torch.tensor([0.0, 1.0, 3.0, 3.0]), True, 1, 8)],
 )  # fmt: skip
 def test_no_wasted_pass_at_s0_or_s1(scale, batched, calls, images):
+    """A number 0 or 1 skips a pass; a per-sample tensor runs both for every row (a batch of fixed shape,
+    which a GPU needs to run ahead of the host) and selects rows exactly (test_per_sample_* below)."""
     model = CountingModel(tiny_model())
     x, t, y = inputs(model.model, batch=4)
     with torch.no_grad():

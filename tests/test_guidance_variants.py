@@ -66,13 +66,14 @@ def test_interval_keeps_s_inside_and_uses_1_outside():
     assert interval_scale(scale, t, (200, 900)).tolist() == [1.0, 3.0, 3.0, 1.0]
 
 
-def test_outside_the_interval_a_step_costs_one_pass():
+@pytest.mark.parametrize("t, images", [(10, 4), (700, 8)])  # outside [500, 999]: the conditional pass alone
+def test_outside_the_interval_a_step_costs_one_pass(t, images):
+    """A sampler's step has one t for the whole batch: outside the interval it costs one pass."""
     model = CountingModel(tiny_model())
     x, _, y = inputs(model.model, batch=4)
-    t = torch.tensor([10, 10, 700, 700])  # two samples outside (0 < t < 500 is not [500, 999]), two inside
     with torch.no_grad():
-        guided_noise_pred(model, x, t, y, 3.0, interval=(500, 999))
-    assert model.images == 2 + 2 * 2
+        guided_noise_pred(model, x, torch.full((4,), t), y, 3.0, interval=(500, 999))
+    assert model.images == images
 
 
 def test_every_variant_acts_per_sample_as_alone(arch):

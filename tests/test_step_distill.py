@@ -11,7 +11,13 @@ from cfg_minimal.data import load_dataset
 from cfg_minimal.distill import DistillConfig, distill_student
 from cfg_minimal.guidance import guided_noise_pred
 from cfg_minimal.schedulers import DDIMScheduler
-from cfg_minimal.step_distill import StepDistillConfig, ddim_x0_target, halve_sampling_steps, round_sizes
+from cfg_minimal.step_distill import (
+    StepDistillConfig,
+    ddim_x0_target,
+    halve_sampling_steps,
+    round_sizes,
+    two_step_target,
+)
 
 SCALES = [0.0, 1.0, 3.0, 5.0]
 
@@ -100,8 +106,36 @@ def test_the_x0_target_lands_on_the_given_point():
     for t in sched.timesteps.tolist():
         t_end = sched.previous_timestep(t)
         abar = sched.alphas_cumprod[t]
-        eps = (z_t - abar.sqrt() * ddim_x0_target(sched, z_t, t, z_end, t_end)) / (1 - abar).sqrt()
+        abar_end = sched.alphas_cumprod[t_end] if t_end >= 0 else sched.final_alpha_cumprod
+        eps = (z_t - abar.sqrt() * ddim_x0_target(z_t, abar, z_end, abar_end)) / (1 - abar).sqrt()
         torch.testing.assert_close(sched.step(eps, t, z_t).prev_sample, z_end, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_the_batched_two_step_target_equals_the_samplers_steps(rounds, clip_sample):
+    """All samples step at once, each from its own grid point: the same as the scheduler's own step,
+    taken one grid point at a time, as the sampler takes it."""
+    _, paths = rounds
+    previous = load_pipeline(paths[0]).model  # a 4-step student, halved to 2 in the second round
+    fine = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned", aligned_base=8,
+                         clip_sample=clip_sample)  # fmt: skip
+    fine.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    k = torch.tensor([0, 1, 1, 0, 1])  # the halved sampler's step of each sample: points 2k -> 2k+1 -> 2k+2
+    z_t, y, s = torch.randn(5, 1, 16, 16, generator=g), torch.tensor([0, 3, 7, 9, 2]), torch.tensor([0, 1, 3, 5, 2.0])
+    points = torch.cat([fine.timesteps, torch.tensor([-1])])[2 * k[:, None] + torch.arange(3)]  # (5, 3)
+    abar = torch.cat([fine.alphas_cumprod, fine.final_alpha_cumprod.view(1)])[points]  # index -1: the end
+    clip = fine.clip_sample_range if clip_sample else None
+    batched = two_step_target(previous, z_t, y, s, points, abar, clip)
+    for i in range(5):
+        z, t = z_t[i : i + 1], int(points[i, 0])
+        with torch.no_grad():
+            for _ in range(2):
+                eps = guided_noise_pred(previous, z, torch.tensor([t]), y[i : i + 1], s[i : i + 1])
+                z = fine.step(eps, t, z, use_clipped_model_output=True).prev_sample
+                t = fine.previous_timestep(t)
+        expected = ddim_x0_target(z_t[i : i + 1], abar[i, 0], z, abar[i, 2])
+        torch.testing.assert_close(batched[i : i + 1], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_unreachable_targets_are_clear_errors():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from cfg_minimal import OptimConfig, TeacherConfig, UserError, load_checkpoint, train_teacher, with_optim
+from cfg_minimal import OptimConfig, TeacherConfig, UserError, distributed, load_checkpoint, train_teacher, with_optim
 from cfg_minimal.data import load_dataset
 from cfg_minimal.loop import fit
 from cfg_minimal.models import build_model
@@ -61,7 +61,14 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(resumed["ema"][key], straight["ema"][key]), key
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "checkpoint_every, message, kept",
+    [(20, "in train steps 21-30; stopped, keeping the last good checkpoint", 20),  # found at the log point 30
+     (28, "in train steps 21-28; stopped, no checkpoint", None)],  # found before the checkpoint due at 28
+)  # fmt: skip
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, checkpoint_every, message, kept):
+    """The loss is read from the device every 10 train steps and before every checkpoint, so a NaN at
+    train step 26 is caught by the next of those, and no checkpoint ever holds the weights it produced."""
     calls = []
 
     def loss_fn(model, x0, y):
@@ -72,10 +79,32 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     data = load_dataset("digits")
     path = tmp_path / "teacher.pt"
     optim = OptimConfig(max_train_steps=100, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9,
-                        checkpoint_every=20, device="cpu")  # fmt: skip
-    with pytest.raises(UserError, match="loss became nan at train step 25.*last good checkpoint"):
+                        checkpoint_every=checkpoint_every, device="cpu")  # fmt: skip
+    with pytest.raises(UserError, match=f"loss became nan {message}"):
         fit(build_model("unet-tiny"), loss_fn, data, path, {"kind": "teacher"}, optim, progress=False)
-    assert torch.load(path, weights_only=True)["train_step"] == 20
+    assert (torch.load(path, weights_only=True)["train_step"] if path.exists() else None) == kept
+
+
+def test_the_loop_reads_the_loss_once_per_log_interval(tmp_path, monkeypatch):
+    """A GPU runs ahead of the host until something reads a value back: the loop does so only every
+    log_every train steps and at checkpoints (here 30 train steps, log_every 10: three reads), and the
+    logged curve is still the mean of every train step's loss."""
+    reads, per_step = [], []
+    real = distributed.mean_and_any
+    monkeypatch.setattr(distributed, "mean_and_any", lambda value, flag: reads.append(1) or real(value, flag))
+
+    def loss_fn(model, x0, y):
+        loss = (model(x0, torch.zeros(len(y), dtype=torch.long), y) - x0).pow(2).mean()
+        per_step.append(loss.item())
+        return loss
+
+    optim = OptimConfig(max_train_steps=30, batch_size=4, checkpoint_every=1000, device="cpu")
+    result = fit(
+        build_model("unet-tiny"), loss_fn, load_dataset("digits"), tmp_path / "t.pt", {}, optim, progress=False
+    )
+    assert len(reads) == 3
+    expected = [sum(per_step[i : i + 10]) / 10 for i in (0, 10, 20)]
+    assert result.losses == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_stop_during_the_last_train_step_still_stops(tmp_path):
