@@ -133,16 +133,40 @@ def guided_noise_pred(
             )
         return model(x, t, y, guidance=s)
     need_cond, need_uncond = (s != 0) | (rescale != 0), s != 1  # (B,) bool each; rescale needs eps_c
-    x_in, t_in = torch.cat([x[need_cond], x[need_uncond]]), torch.cat([t[need_cond], t[need_uncond]])
-    y_in = torch.cat([y[need_cond], uncond_labels[need_uncond]])  # (n_cond + n_uncond,)
-    n_cond = int(need_cond.sum())
-    parts = [slice(None)] if batched else [slice(0, n_cond), slice(n_cond, None)]  # one forward or two
-    eps = torch.cat(
-        [model(x_in[p], t_in[p], y_in[p]) for p in parts if len(x_in[p]) > 0]
-    )  # (n_cond + n_uncond, C, H, W)
-    eps_c_rows, eps_u_rows = eps.split([n_cond, len(eps) - n_cond])
-    # A skipped pass has coefficient 0 in cfg_combine; zeros keep the result exact (eps_u + 0 * ...).
-    eps_c = eps.new_zeros(x.shape).index_put_((need_cond,), eps_c_rows)  # (B, C, H, W)
-    eps_u = eps.new_zeros(x.shape).index_put_((need_uncond,), eps_u_rows)  # (B, C, H, W)
+    eps_c, eps_u = noise_preds(model, x, t, y, uncond_labels, need_cond, need_uncond, batched)
     guided = cfg_combine(eps_u, eps_c, s)
     return rescale_guidance(guided, eps_c, rescale) if rescale != 0 else guided
+
+
+def noise_preds(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    guide_labels: torch.Tensor,
+    need_cond: torch.Tensor,
+    need_guide: torch.Tensor,
+    batched: bool = True,
+    guide_model: DiffusionModel | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two passes of a guided step -> (eps_c, eps_g), each (B, C, H, W), zeros where a pass is skipped.
+
+    eps_c = model(x, t, y) for the rows in need_cond (B,) bool; the guiding pass eps_g = model(x, t,
+    guide_labels) (the null label: eps_u) for the rows in need_guide, or guide_model(x, t, guide_labels)
+    when a separate guiding network is given (autoguidance). One forward over both passes (`batched`,
+    one network only) or two."""
+    x_in, t_in = torch.cat([x[need_cond], x[need_guide]]), torch.cat([t[need_cond], t[need_guide]])
+    y_in = torch.cat([y[need_cond], guide_labels[need_guide]])  # (n_cond + n_guide,)
+    n_cond = int(need_cond.sum())
+    if batched and guide_model is None:
+        parts = [(model, slice(None))]  # one forward
+    else:
+        parts = [(model, slice(0, n_cond)), (guide_model or model, slice(n_cond, None))]
+    eps = torch.cat(
+        [net(x_in[p], t_in[p], y_in[p]) for net, p in parts if len(x_in[p]) > 0]
+    )  # (n_cond + n_guide, C, H, W)
+    eps_c_rows, eps_g_rows = eps.split([n_cond, len(eps) - n_cond])
+    # A skipped pass has coefficient 0 in cfg_combine; zeros keep the result exact (eps_u + 0 * ...).
+    eps_c = eps.new_zeros(x.shape).index_put_((need_cond,), eps_c_rows)  # (B, C, H, W)
+    eps_g = eps.new_zeros(x.shape).index_put_((need_guide,), eps_g_rows)  # (B, C, H, W)
+    return eps_c, eps_g
