@@ -255,6 +255,8 @@ def guide_noise_pred(
     if interval is not None:
         s = interval_scale(s, t, interval)
     if guider.method == "autoguidance":
+        if negative_labels is not None:
+            raise UserError("autoguidance's guiding pass is the weaker model at the same label; it takes no negative")
         guide_labels = y  # the weaker model sees the same class
     else:
         guide_labels = torch.full_like(y, model.null_class) if negative_labels is None else negative_labels.to(y.device)

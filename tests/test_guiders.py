@@ -267,6 +267,9 @@ def test_mistakes_are_user_errors(arch):
         pipe(LABELS, 3.0, num_steps=2, guidance_schedule="exponential")
     with pytest.raises(UserError, match="rescale"):
         pipe(LABELS, 3.0, num_steps=2, guider=Guider("tcfg"), guidance_rescale=0.5)
+    with pytest.raises(UserError, match="no negative"):
+        autoguidance = Guider("autoguidance", guide_model=tiny_model(arch, seed=1))
+        pipe(LABELS, 3.0, num_steps=2, guider=autoguidance, negative_labels=1)
     student = make_pipeline(arch)
     student.model = make_student(pipe.model).eval()
     with pytest.raises(UserError, match="student"):
