@@ -54,6 +54,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 METHOD_SETTINGS = {"cfg": (), "apg": ("eta", "norm_threshold", "momentum"),
                    "cfg-zero-star": ("optimized_scale", "zero_init_steps"), "cfg++": (), "tcfg": (),
                    "autoguidance": ()}  # fmt: skip
+SETTINGS = {name for names in METHOD_SETTINGS.values() for name in names}
 # Rules that are functions of (x, t, y, s) alone, so a student can learn them (distill.py).
 DISTILLABLE = ("cfg", "apg", "cfg-zero-star", "tcfg")
 
@@ -194,6 +195,11 @@ class Guider:
             raise UserError("APG needs a finite eta and momentum and a norm_threshold >= 0 (0 is off)")
         if self.zero_init_steps < 0:
             raise UserError(f"zero_init_steps must be >= 0, got {self.zero_init_steps}")
+        own = METHOD_SETTINGS[self.method]
+        wrong = [f.name for f in fields(self) if f.name in SETTINGS and f.name not in own
+                 and getattr(self, f.name) != f.default]  # fmt: skip
+        if wrong:
+            raise UserError(f"{self.method} has no setting {', '.join(wrong)}; its own: {', '.join(own) or 'none'}")
 
     @property
     def stateless(self) -> bool:

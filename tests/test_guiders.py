@@ -261,6 +261,8 @@ def test_mistakes_are_user_errors(arch):
     for spec, match in mistakes:
         with pytest.raises(UserError, match=match):
             guider_from_spec(spec)
+    with pytest.raises(UserError, match="tcfg has no setting momentum"):
+        Guider("tcfg", momentum=-0.5)
     with pytest.raises(UserError, match="ddim"):
         make_pipeline(arch, "dpmsolver++")(LABELS, 3.0, num_steps=2, guider=Guider("cfg++"))
     with pytest.raises(UserError, match="schedule"):
