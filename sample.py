@@ -2,6 +2,8 @@
 
 python sample.py runs/digits/teacher.pt --scales 0 1 3 --n-per-class 8 --sampling-steps 50 --seed 0 --out grid.png
 python sample.py runs/digits/teacher.pt --scales 1 3 6 --negative-label 1 --out not_a_one.png
+python sample.py runs/digits/teacher.pt --scales 3 6 10 --guider apg:eta=0,norm_threshold=4 --out apg.png
+python sample.py runs/digits/teacher.pt --scales 2 3 --guider autoguidance --guide-ckpt runs/early/teacher.pt
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 
 from cfg_minimal import load_pipeline, pick_device, sample_scale_grid
 from cfg_minimal.errors import report
+from cfg_minimal.guiders import GUIDERS, SCHEDULES, guider_from_spec
 from cfg_minimal.plotting import figure_path, save_scale_grid
 from cfg_minimal.schedulers import SCHEDULERS
 
@@ -30,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2024; teacher only)")
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_LO", "T_HI"),
                    help="guide only at timesteps T_LO <= t <= T_HI, plain conditional elsewhere")  # fmt: skip
+    p.add_argument("--guider", default="cfg", metavar="METHOD[:NAME=VALUE,...]",
+                   help=f"guidance rule (teacher only): one of {', '.join(GUIDERS)}, with settings, e.g. "
+                   "apg:eta=0,norm_threshold=4,momentum=-0.5 or cfg-zero-star:zero_init_steps=1")  # fmt: skip
+    p.add_argument("--guide-ckpt", help="autoguidance's weaker model: a teacher checkpoint (an earlier or smaller one)")
+    p.add_argument("--guidance-schedule", default="constant", choices=SCHEDULES,
+                   help="vary s over t, keeping its mean (Wang et al. 2024); a student takes it too")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="grid.png")
@@ -51,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.sampling_steps or pipe.sampling_steps
         start = time.perf_counter()
         interval = tuple(args.guidance_interval) if args.guidance_interval else None
-        variants = dict(negative_labels=args.negative_label, guidance_rescale=args.guidance_rescale,
-                        guidance_interval=interval)  # fmt: skip
+        guide_model = load_pipeline(args.guide_ckpt, device=pipe.device).model if args.guide_ckpt else None
+        guider = guider_from_spec(args.guider, guide_model)
+        variants = dict(negative_labels=args.negative_label, guidance_rescale=args.guidance_rescale, guider=guider,
+                        guidance_interval=interval, guidance_schedule=args.guidance_schedule)  # fmt: skip
         grid = sample_scale_grid(pipe, args.scales, args.n_per_class, steps, args.seed, progress=True, **variants)
         seconds = time.perf_counter() - start
         kind = "student (1 pass per step)" if pipe.is_student else "CFG teacher"
@@ -64,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             title += f", rescale {args.guidance_rescale:g}"
         if args.guidance_interval:
             title += ", guided for t in [{}, {}]".format(*args.guidance_interval)
+        if args.guider != "cfg" or args.guidance_schedule != "constant":
+            title += f", {args.guider}, {args.guidance_schedule} schedule"
         save_scale_grid(grid, args.scales, pipe.class_names, out, title=title)
     except Exception as err:  # a user's mistake: one line, exit code 2
         return report(err)

@@ -37,9 +37,10 @@ from cfg_minimal import (
     train_teacher,
 )
 from cfg_minimal.checkpoint import output_lock, writable_folder
-from cfg_minimal.distill import check_guidance_range
+from cfg_minimal.distill import check_guidance_range, target_guider
 from cfg_minimal.errors import report
 from cfg_minimal.evaluate import sweep, write_sweep
+from cfg_minimal.guiders import SCHEDULES
 from cfg_minimal.plotting import save_loss_curve, save_scale_grid
 from cfg_minimal.sampling import DEFAULT_SAMPLING_STEPS
 from cfg_minimal.schedulers import BETA_SCHEDULES
@@ -67,6 +68,11 @@ CONFIG_FLAGS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("--distill-train-steps", ("distill.optim.max_train_steps",), dict(type=int, help=PER_DATASET)),
     ("--distill-batch-size", ("distill.optim.batch_size",), dict(help="per process under torchrun")),
     ("--distill-lr", ("distill.optim.lr",), dict(help="learning rate")),
+    ("--distill-guider", ("distill.guider",),
+     dict(help="the guidance rule the student learns: cfg, or a stateless apg / cfg-zero-star / tcfg spec such as "
+          "apg:eta=0,norm_threshold=4 (guiders.py)")),
+    ("--distill-schedule", ("distill.schedule",),
+     dict(choices=SCHEDULES, help="a guidance-weight schedule over t baked into the student's target")),
     ("--start-sampling-steps", ("step_distill.start_sampling_steps",),
      dict(type=int, help="what the first round halves (default: the student's own, else 64)")),
     ("--target-sampling-steps", ("step_distill.target_sampling_steps",), dict(help="sampling steps at the end")),
@@ -205,6 +211,7 @@ def run(args: argparse.Namespace) -> None:
     pick_device(args.device)  # an unusable --device fails now, not after loading the data
     if args.stage in ("distill", "all"):
         check_guidance_range(configs["distill"])  # before the teacher trains for minutes
+        target_guider(configs["distill"])
     if distributed.is_main():
         writable_folder(out)
         with output_lock(out):

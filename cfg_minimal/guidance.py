@@ -154,3 +154,37 @@ def guided_noise_pred(
     s_4d = s.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
     guided = torch.where(s_4d == 1, eps_c, torch.where(s_4d == 0, eps_u, cfg_combine(eps_u, eps_c, s)))
     return rescale_guidance(guided, eps_c, rescale) if rescale != 0 else guided
+
+
+def noise_preds(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    guide_labels: torch.Tensor,
+    need_cond: torch.Tensor,
+    need_guide: torch.Tensor,
+    batched: bool = True,
+    guide_model: DiffusionModel | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two passes of a guided step -> (eps_c, eps_g), each (B, C, H, W), zeros where a pass is skipped.
+
+    eps_c = model(x, t, y) for the rows in need_cond (B,) bool; the guiding pass eps_g = model(x, t,
+    guide_labels) (the null label: eps_u) for the rows in need_guide, or guide_model(x, t, guide_labels)
+    when a separate guiding network is given (autoguidance). One forward over both passes (`batched`,
+    one network only) or two."""
+    x_in, t_in = torch.cat([x[need_cond], x[need_guide]]), torch.cat([t[need_cond], t[need_guide]])
+    y_in = torch.cat([y[need_cond], guide_labels[need_guide]])  # (n_cond + n_guide,)
+    n_cond = int(need_cond.sum())
+    if batched and guide_model is None:
+        parts = [(model, slice(None))]  # one forward
+    else:
+        parts = [(model, slice(0, n_cond)), (guide_model or model, slice(n_cond, None))]
+    eps = torch.cat(
+        [net(x_in[p], t_in[p], y_in[p]) for net, p in parts if len(x_in[p]) > 0]
+    )  # (n_cond + n_guide, C, H, W)
+    eps_c_rows, eps_g_rows = eps.split([n_cond, len(eps) - n_cond])
+    # A skipped pass has coefficient 0 in cfg_combine; zeros keep the result exact (eps_u + 0 * ...).
+    eps_c = eps.new_zeros(x.shape).index_put_((need_cond,), eps_c_rows)  # (B, C, H, W)
+    eps_g = eps.new_zeros(x.shape).index_put_((need_guide,), eps_g_rows)  # (B, C, H, W)
+    return eps_c, eps_g

@@ -14,7 +14,7 @@ import inspect
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from .checkpoint import DATASET_KEYS, load_checkpoint, model_from_checkpoint, re
 from .distributed import pick_device
 from .errors import UserError
 from .guidance import as_scale_tensor, guided_noise_pred
+from .guiders import SCHEDULES, Guider, GuiderState, guide_noise_pred, scheduled_scale
 from .models import DiffusionModel
 from .schedulers import SCHEDULERS
 
@@ -45,6 +46,8 @@ def sample_loop(
     batched: bool = True,
     progress: bool = False,
     callback: StepCallback | None = None,
+    guider: Guider | None = None,
+    guidance_schedule: str = "constant",
     **variants,
 ) -> torch.Tensor:
     """x_T (B, C, H, W) -> x_0 (B, C, H, W): at each of `num_steps` timesteps, eps = guided_noise_pred, then step.
@@ -53,19 +56,39 @@ def sample_loop(
     `init_noise_sigma`, the network sees `scale_model_input(x, t)`). `callback(i, t, x, x0_pred)`, if
     given, runs after sampling step i (at timestep t) with the new sample x (B, C, H, W) and the step's
     predicted x_0 (None where the scheduler gives none): watch an image form. After the last step x is
-    the returned image. `variants` (negative_labels, rescale, interval) go to guided_noise_pred."""
+    the returned image. `variants` (negative_labels, rescale, interval) go to guided_noise_pred.
+    `guider` (guiders.Guider) replaces the CFG rule, with one GuiderState carried through the run;
+    `guidance_schedule` varies s over t (guiders.scheduled_scale). None and 'constant' are plain CFG."""
     scheduler.set_timesteps(num_steps)
     step_kwargs = _step_kwargs(scheduler, generator)
+    check_guider_sampler(guider, scheduler)
+    state, T = GuiderState(), train_timesteps(scheduler)
     x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="sampling", disable=not progress, leave=False)):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if t == int(t) else torch.float32)
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        eps = guided_noise_pred(model, x_in, t_batch, labels, guidance_scale, batched, **variants)  # (B, C, H, W)
-        out = scheduler.step(eps, t, x, **step_kwargs)
+        scale = guidance_scale
+        if guidance_schedule != "constant":
+            scale = scheduled_scale(as_scale_tensor(scale, len(x), x.device), t_batch, T, guidance_schedule)  # (B,)
+        if guider is None:
+            eps = guided_noise_pred(model, x_in, t_batch, labels, scale, batched, **variants)  # (B, C, H, W)
+            out = scheduler.step(eps, t, x, **step_kwargs)
+        else:
+            guided = guide_noise_pred(model, x_in, t_batch, labels, scale, guider, state, batched, **variants)
+            renoise = {} if guided.renoise_eps is None else {"renoise_eps": guided.renoise_eps}  # CFG++
+            out = scheduler.step(guided.eps, t, x, **step_kwargs, **renoise)
         x = out.prev_sample  # (B, C, H, W)
         if callback is not None:
             callback(i, t, x, getattr(out, "pred_original_sample", None))
     return x
+
+
+def check_guider_sampler(guider: Guider | None, scheduler: object) -> None:
+    """CFG++ re-noises inside the step, which only this project's DDIM step takes (`renoise_eps`)."""
+    if guider is not None and guider.method == "cfg++":
+        if "renoise_eps" not in inspect.signature(scheduler.step).parameters:
+            raise UserError("CFG++ re-noises each DDIM step with eps_u, which only this project's DDIM sampler "
+                            "does; sample with the ddim sampler")  # fmt: skip
 
 
 def _step_kwargs(scheduler: object, generator: torch.Generator | None) -> dict:
@@ -160,16 +183,21 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[int, int] | None = None,
         callback: StepCallback | None = None,
+        guider: Guider | None = None,
+        guidance_schedule: str = "constant",
     ) -> torch.Tensor:
         """Sample one image per label at scale s (a float or a (B,) tensor) -> (B, C, H, W) in [-1, 1].
 
         Guidance variants (see guidance.guided_noise_pred): `negative_labels` (one id for all, or one per
         label) replace the null label in the unconditional pass; `guidance_rescale` is phi in [0, 1];
-        `guidance_interval` = (t_lo, t_hi) guides only at timesteps t_lo <= t <= t_hi. `callback`: see
+        `guidance_interval` = (t_lo, t_hi) guides only at timesteps t_lo <= t <= t_hi. `guider`
+        (guiders.Guider: APG, CFG-Zero*, CFG++, TCFG, autoguidance; teacher only) replaces the CFG rule;
+        `guidance_schedule` ('constant', 'linear', 'cosine') varies s over t. `callback`: see
         sample_loop (called per chunk of max_batch_size labels). The scale is checked by as_scale_tensor
         (a tensor once, on the CPU). A result with NaN or inf is a UserError, never returned."""
         labels = check_labels(labels, self.num_classes).to(self.device)  # (B,)
         variants = self._check_variants(len(labels), negative_labels, guidance_rescale, guidance_interval)
+        variants.update(self._check_guider(guider, guidance_schedule, guidance_rescale))
         num_steps = self.sampling_steps if num_steps is None else num_steps
         self._check_num_steps(num_steps)
         self._warn_outside_range(guidance_scale)
@@ -187,6 +215,26 @@ class Pipeline:
         if not torch.isfinite(images).all():
             raise UserError("sampling produced NaN or inf values; is the guidance scale far too large?")
         return images
+
+    def _check_guider(self, guider: Guider | None, schedule: str, rescale: float) -> dict:
+        """The guider and schedule as sample_loop's keyword arguments (none for plain CFG), or a UserError."""
+        if schedule not in SCHEDULES:
+            raise UserError(f"unknown guidance_schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        kwargs: dict = {} if schedule == "constant" else {"guidance_schedule": schedule}
+        if guider is None or (guider.method == "cfg" and guider.stateless):
+            return kwargs  # plain CFG: guided_noise_pred, as without a guider
+        if not isinstance(guider, Guider):
+            raise UserError(f"guider must be a cfg_minimal.guiders.Guider, got {type(guider).__name__}")
+        if self.is_student:
+            raise UserError(f"a guidance-distilled student cannot sample with the {guider.method} guider: it "
+                            "has no eps_u and eps_c; sample its teacher, or distil with --distill-guider")  # fmt: skip
+        if rescale:
+            raise UserError("guidance_rescale is a variant of plain CFG; it does not combine with a guider")
+        if guider.guide_model is not None:
+            if guider.guide_model.num_classes != self.num_classes or guider.guide_model.is_student:
+                raise UserError("autoguidance's guiding model must be a teacher of the same dataset")
+            guider = replace(guider, guide_model=guider.guide_model.to(self.device).eval())
+        return {**kwargs, "guider": guider}
 
     def _check_x_T(self, x_T: torch.Tensor, batch_size: int) -> torch.Tensor:
         """A user's starting noise (a tensor or an array) as finite float32 of the right shape, or a UserError."""

@@ -211,7 +211,10 @@ class DDIMScheduler(_Scheduler):
         eta: float = 0.0,
         use_clipped_model_output: bool = False,
         generator: torch.Generator | None = None,
+        renoise_eps: torch.Tensor | None = None,
     ) -> SchedulerOutput:
+        """One step of the equation above. `renoise_eps`, if given, is the eps of the direction term in
+        place of model_output (CFG++, Chung et al. 2025: x_0 from the guided eps, re-noised with eps_u)."""
         t = int(timestep)
         prev_t = self.previous_timestep(t)
         abar_t = self._abar(t)
@@ -220,6 +223,8 @@ class DDIMScheduler(_Scheduler):
         eps = model_output
         if use_clipped_model_output:
             eps = (sample - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+        if renoise_eps is not None:
+            eps = renoise_eps
         sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
         prev_sample = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps
         if eta > 0:
