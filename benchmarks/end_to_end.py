@@ -47,6 +47,7 @@ from cfg_minimal import (
 from cfg_minimal.errors import report as report_error
 from cfg_minimal.evaluate import Judge, evals_per_image, generate
 from cfg_minimal.pretrained import save_pretrained
+from cfg_minimal.recipes import GPU_RECIPES
 from cfg_minimal.sampling import Pipeline
 
 BF16_DENSE_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, NVIDIA's data sheets (SXM)
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, argv: list[str] | None) -> None:
     """Train, evaluate, print and write the report; export the models if asked."""
     device = pick_device(args.device)
+    args = fill_defaults(args, device)
     out = Path(args.out or f"runs/end_to_end-{args.dataset}")
     stages, paths = train_all(args, out, device)
     pipes = {name: load_pipeline(path, device=device) for name, path in paths.items()}
@@ -93,12 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--out", default=None, help="run folder (default: runs/end_to_end-DATASET); must be new")
     p.add_argument("--device", default="auto")
-    p.add_argument("--teacher-train-steps", type=int, default=None, help="default: per dataset (recipes.py)")
-    p.add_argument("--distill-train-steps", type=int, default=None, help="default: per dataset (recipes.py)")
-    p.add_argument("--round-train-steps", type=int, default=StepDistillConfig().optim.max_train_steps)
-    p.add_argument("--teacher-batch-size", type=int, default=TeacherConfig().optim.batch_size)
-    p.add_argument("--distill-batch-size", type=int, default=DistillConfig().optim.batch_size)
-    p.add_argument("--round-batch-size", type=int, default=StepDistillConfig().optim.batch_size)
+    for flag in ("teacher-train-steps", "distill-train-steps", "round-train-steps", "teacher-batch-size",
+                 "distill-batch-size", "round-batch-size"):  # fmt: skip
+        p.add_argument(
+            f"--{flag}", type=int, default=None, help="default: recipes.GPU_RECIPES on CUDA, else the stage's"
+        )
     p.add_argument("--channels-last", action="store_true", help="NHWC convolutions in training")
     p.add_argument("--compile", action="store_true", help="torch.compile the network in training")
     p.add_argument("--start-sampling-steps", type=int, default=64, help="what the first round halves")
@@ -111,6 +112,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export", default=None, help="write pretrained folders DIR/DATASET-{teacher,student,...}")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """Train steps and batch sizes left out: the GPU recipe of the dataset on CUDA (recipes.GPU_RECIPES),
+    else each stage's own defaults (None train steps: the per-dataset count, recipes.RECIPES)."""
+    gpu = GPU_RECIPES.get(args.dataset, {}) if device.type == "cuda" else {}
+    stage = {"teacher": TeacherConfig().optim, "distill": DistillConfig().optim, "round": StepDistillConfig().optim}
+    for name, optim in stage.items():
+        steps, batch = f"{name}_train_steps", f"{name}_batch_size"
+        if getattr(args, steps) is None:
+            setattr(args, steps, gpu.get(steps, optim.max_train_steps))
+        if getattr(args, batch) is None:
+            setattr(args, batch, gpu.get("batch_size", optim.batch_size))
+    return args
 
 
 def command_line(argv: list[str] | None) -> str:

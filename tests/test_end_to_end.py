@@ -47,3 +47,27 @@ def test_the_exported_models_reproduce_the_reported_quality(report):
     scores = [judge(*generate(pipe, 40, 3.0, pipe.sampling_steps, seed)[:2]) for seed in (0, 1)]
     assert row["fd_per_seed"] == [s["fd"] for s in scores]
     assert row["accuracy"] == pytest.approx(sum(s["accuracy"] for s in scores) / 2, abs=1e-12)
+
+
+def test_time_to_quality_variants_set_the_fields_they_name():
+    from benchmarks.time_to_quality import parse_variant
+    from cfg_minimal import UserError
+
+    name, changes = parse_variant("mix:ema_decay=0.99,p_uncond=0.2,batch_size=32,channels_last=true")
+    assert name == "mix" and changes == {"ema_decay": 0.99, "p_uncond": 0.2, "batch_size": 32, "channels_last": True}
+    assert [type(v) for v in changes.values()] == [float, float, int, bool]
+    assert parse_variant("base:") == ("base", {})
+    with pytest.raises(UserError, match="'nope' is not a TeacherConfig or OptimConfig field"):
+        parse_variant("x:nope=1")
+
+
+def test_on_cuda_the_defaults_are_the_gpu_recipe_and_flags_still_win():
+    from cfg_minimal.recipes import GPU_RECIPES
+
+    gpu = end_to_end.fill_defaults(end_to_end.parse_args(["--round-batch-size", "64"]), torch.device("cuda"))
+    recipe = GPU_RECIPES["mnist"]
+    assert (gpu.teacher_train_steps, gpu.distill_train_steps, gpu.round_train_steps) == (
+        recipe["teacher_train_steps"], recipe["distill_train_steps"], recipe["round_train_steps"])  # fmt: skip
+    assert (gpu.teacher_batch_size, gpu.distill_batch_size, gpu.round_batch_size) == (recipe["batch_size"],) * 2 + (64,)
+    cpu = end_to_end.fill_defaults(end_to_end.parse_args([]), torch.device("cpu"))
+    assert (cpu.teacher_train_steps, cpu.teacher_batch_size, cpu.distill_batch_size) == (None, 128, 64)

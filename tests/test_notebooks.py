@@ -26,6 +26,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     workdir = tmp_path / "notebooks"
     workdir.mkdir()
     (workdir.parent / "cfg_minimal").symlink_to(REPO / "cfg_minimal")  # the notebooks import from their parent
+    (workdir.parent / "pretrained").symlink_to(REPO / "pretrained")  # ... and load the shipped weights there
     client = nbclient.NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
     )
