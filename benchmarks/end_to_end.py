@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", choices=list(DATASETS))
     p.add_argument("--data-dir", default="./data")
-    p.add_argument("--out", default=None, help="run folder (default: runs/end_to_end-DATASET); must be new")
+    p.add_argument("--out", default=None, help="run folder (default: runs/end_to_end-DATASET)")
     p.add_argument("--device", default="auto")
     for flag in ("teacher-train-steps", "distill-train-steps", "round-train-steps", "teacher-batch-size",
                  "distill-batch-size", "round-batch-size"):  # fmt: skip
@@ -110,6 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--speed-batch", type=int, default=1024)
     p.add_argument("--export", default=None, help="write pretrained folders DIR/DATASET-{teacher,student,...}")
+    p.add_argument("--overwrite", action="store_true", help="train again over the checkpoints already in --out")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -135,7 +136,7 @@ def command_line(argv: list[str] | None) -> str:
 def train_all(args: argparse.Namespace, out: Path, device: torch.device) -> tuple[list[dict], dict[str, Path]]:
     """Teacher, guided student and the step-distillation rounds, each timed -> (stage rows, model paths)."""
     speed = dict(channels_last=args.channels_last, compile=args.compile, device=str(device))
-    progress = not args.no_progress
+    how = dict(progress=not args.no_progress, if_exists="overwrite" if args.overwrite else "error")
     teacher = with_optim(TeacherConfig(dataset=args.dataset, data_dir=args.data_dir), **speed,
                          max_train_steps=args.teacher_train_steps, batch_size=args.teacher_batch_size)  # fmt: skip
     distill = with_optim(DistillConfig(data_dir=args.data_dir), **speed,
@@ -145,10 +146,10 @@ def train_all(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
                         **speed, max_train_steps=args.round_train_steps, batch_size=args.round_batch_size)  # fmt: skip
     # FLOPs per train image: forward + backward of the trained network (3 forwards), plus, when distilling,
     # two forwards of the frozen one (the teacher's two passes, or the previous student's two DDIM steps)
-    teacher_row, _ = timed("teacher", device, lambda: train_teacher(teacher, out, progress=progress), 3)
+    teacher_row, _ = timed("teacher", device, lambda: train_teacher(teacher, out, **how), 3)
     student_row, _ = timed("student", device,
-                           lambda: distill_student(out / "teacher.pt", distill, out, progress=progress), 5)  # fmt: skip
-    halve = lambda: halve_sampling_steps(out / "student.pt", rounds, out, progress=progress)  # noqa: E731
+                           lambda: distill_student(out / "teacher.pt", distill, out, **how), 5)  # fmt: skip
+    halve = lambda: halve_sampling_steps(out / "student.pt", rounds, out, **how)  # noqa: E731
     rounds_row, round_paths = timed("step rounds", device, halve, 5)
     stages = [teacher_row, student_row, rounds_row]
     for stage, paths in zip(stages, ([out / "teacher.pt"], [out / "student.pt"], round_paths)):
