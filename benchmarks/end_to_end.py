@@ -44,6 +44,7 @@ from cfg_minimal import (
     train_teacher,
     with_optim,
 )
+from cfg_minimal.distributed import device_name
 from cfg_minimal.errors import report as report_error
 from cfg_minimal.evaluate import Judge, evals_per_image, generate
 from cfg_minimal.pretrained import save_pretrained
@@ -262,12 +263,6 @@ def cpu_vs_gpu(path: Path, gpu: Pipeline, args: argparse.Namespace, n: int = 64)
     b = gpu(labels, 3.0, args.sampling_steps, x_T=gpu.initial_noise(n, 0)).cpu()
     return dict(n=n, scale=3.0, sampling_steps=args.sampling_steps, max_abs_diff=float((a - b).abs().max()),
                 mean_abs_diff=float((a - b).abs().mean()))  # fmt: skip
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 def print_report(report: dict) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cfg_minimal import build_model, pick_device
+from cfg_minimal.distributed import device_name
 from cfg_minimal.loop import ema_update
 
 
@@ -70,8 +71,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {name}\n")
+    print(f"device {device_name(device)}\n")
     print("| arch | image | parameters | batch | variant | train images / s | first step s |")
     print("|---|---:|---:|---:|---|---:|---:|")
     for arch in args.archs:

@@ -73,6 +73,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def device_name(device: torch.device) -> str:
+    """What a benchmark reports as its machine: the GPU's name, or the CPU and its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
