@@ -12,12 +12,16 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import replace
 
 from cfg_minimal import load_pipeline, pick_device, sample_scale_grid
-from cfg_minimal.errors import report
-from cfg_minimal.guiders import GUIDERS, SCHEDULES, guider_from_spec
+from cfg_minimal.errors import UserError, report
+from cfg_minimal.guidance import CFG, GUIDERS, Guider, guider_from_spec
+from cfg_minimal.guiders import SCHEDULES
 from cfg_minimal.plotting import figure_path, save_scale_grid
 from cfg_minimal.schedulers import SCHEDULERS
+
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpmsolver++": "DPM-Solver++", "ddim-cfg++": "DDIM CFG++"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,13 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sampling-steps", type=int, default=None, help="default: the checkpoint's own (50 unless step-distilled)"
     )
     p.add_argument("--sampler", default="ddim", choices=sorted(SCHEDULERS))
-    p.add_argument("--negative-label", type=int, help="negative class: guide away from it (teacher only)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1] (Lin et al. 2024; teacher only)")
+    p.add_argument("--negative-label", type=int, help="CFG's negative class: guide away from it (teacher only)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG's rescale phi in [0, 1] (teacher only)")
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_LO", "T_HI"),
-                   help="guide only at timesteps T_LO <= t <= T_HI, plain conditional elsewhere")  # fmt: skip
+                   help="CFG guides only at timesteps T_LO <= t <= T_HI, plain conditional elsewhere")  # fmt: skip
     p.add_argument("--guider", default="cfg", metavar="METHOD[:NAME=VALUE,...]",
-                   help=f"guidance rule (teacher only): one of {', '.join(GUIDERS)}, with settings, e.g. "
-                   "apg:eta=0,norm_threshold=4,momentum=-0.5 or cfg-zero-star:zero_init_steps=1")  # fmt: skip
+                   help=f"guidance rule: one of {', '.join(GUIDERS)}, with settings, e.g. apg:eta=0,norm_threshold=4,"
+                   "momentum=-0.5 or cfg-zero-star:zero_init_steps=1 (a student follows cfg only)")  # fmt: skip
     p.add_argument("--guide-ckpt", help="autoguidance's weaker model: a teacher checkpoint (an earlier or smaller one)")
     p.add_argument("--guidance-schedule", default="constant", choices=SCHEDULES,
                    help="vary s over t, keeping its mean (Wang et al. 2024); a student takes it too")  # fmt: skip
@@ -52,6 +56,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def build_guider(args: argparse.Namespace, device: object) -> Guider:
+    """--guider with its settings; the plain-CFG flags (--negative-label, --guidance-rescale,
+    --guidance-interval) are CFG's options; --guide-ckpt is autoguidance's weaker model."""
+    needs_guide = GUIDERS.get(args.guider.partition(":")[0].strip(), CFG).needs_guide_model
+    if args.guide_ckpt and not needs_guide:
+        raise UserError(f"--guide-ckpt is autoguidance's weaker model; {args.guider!r} takes none")
+    guide_model = load_pipeline(args.guide_ckpt, device=device).model if args.guide_ckpt else None
+    guider = guider_from_spec(args.guider, guide_model)
+    cfg_options = dict(negative_labels=args.negative_label, rescale=args.guidance_rescale or None,
+                       interval=tuple(args.guidance_interval) if args.guidance_interval else None)  # fmt: skip
+    cfg_options = {key: value for key, value in cfg_options.items() if value is not None}
+    if cfg_options and not isinstance(guider, CFG):
+        raise UserError("--negative-label, --guidance-rescale and --guidance-interval are options of plain CFG "
+                        f"(--guider cfg), not of {args.guider!r}")  # fmt: skip
+    return replace(guider, **cfg_options) if cfg_options else guider
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -59,15 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.ckpt, device=pick_device(args.device), scheduler=args.sampler)
         steps = args.sampling_steps or pipe.sampling_steps
         start = time.perf_counter()
-        interval = tuple(args.guidance_interval) if args.guidance_interval else None
-        guide_model = load_pipeline(args.guide_ckpt, device=pipe.device).model if args.guide_ckpt else None
-        guider = guider_from_spec(args.guider, guide_model)
-        variants = dict(negative_labels=args.negative_label, guidance_rescale=args.guidance_rescale, guider=guider,
-                        guidance_interval=interval, guidance_schedule=args.guidance_schedule)  # fmt: skip
-        grid = sample_scale_grid(pipe, args.scales, args.n_per_class, steps, args.seed, progress=True, **variants)
+        guider = build_guider(args, pipe.device)
+        grid = sample_scale_grid(pipe, args.scales, args.n_per_class, steps, args.seed, progress=True, guider=guider,
+                                 guidance_schedule=args.guidance_schedule)  # fmt: skip
         seconds = time.perf_counter() - start
         kind = "student (1 pass per step)" if pipe.is_student else "CFG teacher"
-        sampler = {"ddim": "DDIM", "ddpm": "DDPM", "dpmsolver++": "DPM-Solver++"}[args.sampler]
+        sampler = SAMPLER_NAMES.get(args.sampler, args.sampler)
         title = f"{kind} on {pipe.dataset}, {steps} {sampler} steps, seed {args.seed}"
         if args.negative_label is not None:
             title += f", negative class {args.negative_label}"

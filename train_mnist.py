@@ -42,6 +42,7 @@ from cfg_minimal.errors import report
 from cfg_minimal.evaluate import sweep, write_sweep
 from cfg_minimal.guiders import SCHEDULES
 from cfg_minimal.plotting import save_loss_curve, save_scale_grid
+from cfg_minimal.predictions import PREDICTION_TYPES
 from cfg_minimal.sampling import DEFAULT_SAMPLING_STEPS
 from cfg_minimal.schedulers import BETA_SCHEDULES
 
@@ -60,6 +61,8 @@ CONFIG_FLAGS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("--arch", ("teacher.arch",), dict(type=str, choices=list(ARCHITECTURES), help=PER_DATASET)),
     ("--p-uncond", ("teacher.p_uncond",), dict(help="label dropout probability")),
     ("--beta-schedule", ("teacher.beta_schedule",), dict(choices=BETA_SCHEDULES, help="noise schedule")),
+    ("--prediction-type", ("teacher.prediction_type",),
+     dict(choices=PREDICTION_TYPES, help="what the teacher (and every student of it) predicts: eps or v")),
     ("--teacher-train-steps", ("teacher.optim.max_train_steps",), dict(type=int, help=PER_DATASET)),
     ("--teacher-batch-size", ("teacher.optim.batch_size",), dict(help="per process under torchrun")),
     ("--teacher-lr", ("teacher.optim.lr",), dict(help="AdamW, warm-up then cosine decay to a tenth")),

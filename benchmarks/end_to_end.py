@@ -8,29 +8,28 @@ into --out, then prints and writes OUT/end_to_end.json:
   stages    wall time, train steps x batch, training images/s, model FLOP/s (FLOPs counted per train
             image; on a known card also the share of its bf16 dense peak), peak memory
   quality   accuracy / FD / diversity per model and scale, n samples per point from the same noise,
-            averaged over --seeds (the classifier of `python -m cfg_minimal.evaluate`)
+            averaged over --seed (the classifier of `python -m cfg_minimal.evaluate`); network
+            evaluations per image counted
   speed     images/s at --speed-batch for the batched CFG teacher and each student (and, on CUDA,
             with bf16 autocast and the CPU-vs-GPU difference of the same samples)
 --export DIR writes the models as pretrained folders (config.json + model.safetensors) holding this
-command. Numbers on a GPU are absolute; on a CPU compare them as ratios within one run.
+command. Checkpoints, the report and exported folders that exist already are refused unless --overwrite.
+Numbers on a GPU are absolute; on a CPU compare them as ratios within one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import shlex
-import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import harness
 from cfg_minimal import (
     DATASETS,
     DistillConfig,
@@ -44,58 +43,61 @@ from cfg_minimal import (
     train_teacher,
     with_optim,
 )
-from cfg_minimal.distributed import device_name
-from cfg_minimal.errors import report as report_error
-from cfg_minimal.evaluate import Judge, evals_per_image, generate
-from cfg_minimal.pretrained import save_pretrained
+from cfg_minimal.evaluate import Judge
+from cfg_minimal.pretrained import CONFIG, WEIGHTS, save_pretrained
 from cfg_minimal.recipes import GPU_RECIPES
 from cfg_minimal.sampling import Pipeline
+from cfg_minimal.step_distill import round_sizes
 
 BF16_DENSE_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, NVIDIA's data sheets (SXM)
+EXPORTED_STEPS = (8, 4)  # the step-distilled students that are evaluated and exported
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args, argv)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as err:  # a user's mistake: one line, exit code 2
-        return report_error(err)
-    return 0
-
-
-def run(args: argparse.Namespace, argv: list[str] | None) -> None:
+def run(args: argparse.Namespace) -> None:
     """Train, evaluate, print and write the report; export the models if asked."""
     device = pick_device(args.device)
     args = fill_defaults(args, device)
-    out = Path(args.out or f"runs/end_to_end-{args.dataset}")
-    stages, paths = train_all(args, out, device)
+    out = harness.Outputs.of(args, "end_to_end.json")
+    export = harness.Outputs(args.export, args.overwrite, "--export") if args.export else None
+    if export is not None:  # refused now, not after training
+        export.claim(*(f"{export_folder(args, model)}/{f}" for model in model_names(args) for f in (CONFIG, WEIGHTS)))
+    stages, paths = train_all(args, out.folder, device)
     pipes = {name: load_pipeline(path, device=device) for name, path in paths.items()}
     for name in ("teacher", "student"):
         pipes[name].sampling_steps = args.sampling_steps
-    judge = Judge.load(args.dataset, args.data_dir, device, progress=False)
-    report = dict(
-        command=command_line(argv), device=device_name(device), dataset=args.dataset, stages=stages,
-        quality=quality(pipes, judge, args), speed=speed(pipes, args, device, judge),
+    judge = harness.load_judge(args.dataset, args.data_dir, device)
+    progress = None if args.no_progress else harness.Table(harness.QUALITY, "quality, as measured")
+    report = harness.record(
+        args, device, dataset=args.dataset, stages=stages,
+        quality=harness.measure(harness.grid(pipes, args.scales), judge, args.n, args.seed, table=progress),
+        speed=speed(pipes, args, device, judge),
     )  # fmt: skip
     if device.type == "cuda":
         report["cpu_vs_gpu"] = cpu_vs_gpu(paths["teacher"], pipes["teacher"], args)
-    (out / "end_to_end.json").write_text(json.dumps(report, indent=2))
     print_report(report)
-    if args.export:
+    out.json("end_to_end.json", report)
+    if export is not None:
         for name, path in paths.items():
-            folder = Path(args.export) / f"{args.dataset}-{name.replace(' steps', 'steps').replace(' ', '-')}"
+            folder = export.folder / export_folder(args, name)
             save_pretrained(load_checkpoint(path), folder, report["command"])
+            export.written.update({folder / CONFIG, folder / WEIGHTS})
             print(f"exported {folder}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", choices=list(DATASETS))
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--out", default=None, help="run folder (default: runs/end_to_end-DATASET)")
-    p.add_argument("--device", default="auto")
+def model_names(args: argparse.Namespace) -> list[str]:
+    """The models evaluated: teacher, student, and the step-distilled students of EXPORTED_STEPS the rounds reach."""
+    rounds = round_sizes(args.start_sampling_steps, args.target_sampling_steps)
+    return ["teacher", "student", *(f"student {k} steps" for k in rounds if k in EXPORTED_STEPS)]
+
+
+def export_folder(args: argparse.Namespace, model: str) -> str:
+    """'student 8 steps' -> 'DATASET-student-8steps'."""
+    return f"{args.dataset}-{model.replace(' steps', 'steps').replace(' ', '-')}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = harness.parser("end_to_end", __doc__, n=1000, seed=[0, 1, 2])
+    p.add_argument("--dataset", default="mnist", choices=list(DATASETS), help="default: mnist")
     for flag in ("teacher-train-steps", "distill-train-steps", "round-train-steps", "teacher-batch-size",
                  "distill-batch-size", "round-batch-size"):  # fmt: skip
         p.add_argument(
@@ -103,17 +105,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     p.add_argument("--channels-last", action="store_true", help="NHWC convolutions in training")
     p.add_argument("--compile", action="store_true", help="torch.compile the network in training")
-    p.add_argument("--start-sampling-steps", type=int, default=64, help="what the first round halves")
-    p.add_argument("--target-sampling-steps", type=int, default=4, help="halve down to this (8 on the way)")
-    p.add_argument("--sampling-steps", type=int, default=64, help="DDIM steps of the teacher and guided student")
-    p.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 5])
-    p.add_argument("--n", type=int, default=1000, help="samples per model, scale and seed")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--speed-batch", type=int, default=1024)
+    p.add_argument("--start-sampling-steps", type=int, default=64, help="what the first round halves (default: 64)")
+    p.add_argument("--target-sampling-steps", type=int, default=4, help="halve down to this (default: 4; 8 on the way)")
+    p.add_argument("--sampling-steps", type=int, default=64,
+                   help="DDIM steps of the teacher and guided student (default: 64)")  # fmt: skip
+    p.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 5], help="default: 0 1 2 3 5")
+    p.add_argument("--speed-batch", type=int, default=1024, help="default: 1024")
     p.add_argument("--export", default=None, help="write pretrained folders DIR/DATASET-{teacher,student,...}")
-    p.add_argument("--overwrite", action="store_true", help="train again over the checkpoints already in --out")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
@@ -128,10 +132,6 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Na
         if getattr(args, batch) is None:
             setattr(args, batch, gpu.get("batch_size", optim.batch_size))
     return args
-
-
-def command_line(argv: list[str] | None) -> str:
-    return shlex.join(["python", "-m", "benchmarks.end_to_end", *(sys.argv[1:] if argv is None else argv)])
 
 
 def train_all(args: argparse.Namespace, out: Path, device: torch.device) -> tuple[list[dict], dict[str, Path]]:
@@ -156,7 +156,7 @@ def train_all(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
     for stage, paths in zip(stages, ([out / "teacher.pt"], [out / "student.pt"], round_paths)):
         stage.update(train_statistics(stage, paths))
     paths = {"teacher": out / "teacher.pt", "student": out / "student.pt"}
-    paths.update({f"student {steps_of(p)} steps": p for p in round_paths if steps_of(p) in (8, 4)})
+    paths.update({f"student {steps_of(p)} steps": p for p in round_paths if steps_of(p) in EXPORTED_STEPS})
     return stages, paths
 
 
@@ -166,22 +166,11 @@ def steps_of(path: Path) -> int:
 
 
 def timed(name: str, device: torch.device, work: Callable[[], Any], forwards_per_image: int) -> tuple[dict, Any]:
-    """Run one stage -> (its wall time and peak memory (GPU: allocated by PyTorch; CPU: the process's RSS),
-    what `work` returned)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = work()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated() / 1e9, "GPU allocated"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "process RSS"  # KiB on Linux
-    row = dict(stage=name, seconds=seconds, forwards_per_image=forwards_per_image, peak_memory_gb=peak,
-               peak_memory_kind=kind)  # fmt: skip
+    """Run one stage -> (its wall time and peak memory, what `work` returned)."""
+    with harness.Timer(device, memory=True) as timer:
+        result = work()
+    row = dict(stage=name, seconds=timer.seconds, forwards_per_image=forwards_per_image,
+               peak_memory_gb=timer.peak_memory_gb, peak_memory_kind=timer.peak_memory_kind)  # fmt: skip
     return row, result
 
 
@@ -207,40 +196,23 @@ def forward_flop(path: Path) -> float:
     return counter.get_total_flops() / 2
 
 
-def quality(pipes: dict[str, Pipeline], judge: Judge, args: argparse.Namespace) -> list[dict]:
-    """Accuracy / FD / diversity per model and scale, the mean over seeds (each seed: the same noise for all)."""
-    rows = []
-    for name, pipe in pipes.items():
-        for s in args.scales:
-            scores = [judge(*generate(pipe, args.n, s, pipe.sampling_steps, seed)[:2]) for seed in args.seeds]
-            mean = {key: sum(sc[key] for sc in scores) / len(scores) for key in scores[0]}
-            rows.append(dict(model=name, scale=s, sampling_steps=pipe.sampling_steps, n=args.n, seeds=args.seeds,
-                             evals_per_image=evals_per_image(pipe, s, pipe.sampling_steps), **mean,
-                             fd_per_seed=[sc["fd"] for sc in scores]))  # fmt: skip
-            if not args.no_progress:
-                print(f"  {name:>16} s={s:<4g} accuracy {mean['accuracy']:.4f}  FD {mean['fd']:.3f}", flush=True)
-    return rows
-
-
 def speed(pipes: dict[str, Pipeline], args: argparse.Namespace, device: torch.device, judge: Judge) -> list[dict]:
-    """Images/s of each model at s = 3, --speed-batch labels at once, from the same noise (best of 3 calls).
-    On CUDA also with bf16 autocast, with that run's accuracy and FD and its largest pixel difference."""
+    """Images/s of each model at s = 3, --speed-batch labels at once, from the same noise (best of 3 calls,
+    after one untimed call that also counts the network evaluations). On CUDA also with bf16 autocast, with
+    that run's accuracy and FD and its largest pixel difference."""
     labels = torch.arange(args.speed_batch) % pipes["teacher"].num_classes  # (B,)
     x_T = pipes["teacher"].initial_noise(args.speed_batch, 0)  # (B, C, H, W)
     rows, reference = [], None
     for name, pipe in pipes.items():
         for bf16 in (False, True) if device.type == "cuda" else (False,):
             context = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-            best, images = float("inf"), None
-            for _ in range(3):
-                with context:
-                    start = time.perf_counter()
+            with context:
+                with harness.EvalCounter(pipe.model) as counter:
                     images = pipe(labels, 3.0, pipe.sampling_steps, x_T=x_T)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    best = min(best, time.perf_counter() - start)
+                call = partial(pipe, labels, 3.0, pipe.sampling_steps, x_T=x_T)
+                best = min(harness.time_repeated(call, device, repeats=3, warmup=0))
             row = dict(model=name, autocast="bf16" if bf16 else "off", sampling_steps=pipe.sampling_steps,
-                       batch=args.speed_batch, evals_per_image=evals_per_image(pipe, 3.0, pipe.sampling_steps),
+                       batch=args.speed_batch, evals_per_image=counter.images / args.speed_batch,
                        images_per_s=args.speed_batch / best)  # fmt: skip
             if bf16:
                 row.update(
@@ -265,33 +237,32 @@ def cpu_vs_gpu(path: Path, gpu: Pipeline, args: argparse.Namespace, n: int = 64)
                 mean_abs_diff=float((a - b).abs().mean()))  # fmt: skip
 
 
+STAGES = harness.Table([("stage", "stage", "{}"), ("seconds", "wall s", "{:.1f}"),
+                        ("train_steps_x_batch", "train steps x batch", "{}"),
+                        ("images_per_s", "train images/s", "{:.0f}"), ("model_tflop_per_s", "model TFLOP/s", "{:.2f}"),
+                        ("of_peak", "of bf16 peak", "{:.1%}"), ("peak_memory_gb", "peak memory GB", "{:.2f}"),
+                        ("peak_memory_kind", "measured as", "{}")])  # fmt: skip
+QUALITY = harness.Table(["model", "sampling_steps", "scale", "evals_per_image", ("accuracy", "accuracy", "{:.4f}"),
+                         ("fd", "FD", "{:.3f}"), ("diversity", "diversity", "{:.3f}")])  # fmt: skip
+SPEED = harness.Table(["model", ("autocast", "autocast", "{}"), "sampling_steps", "evals_per_image",
+                       ("images_per_s", "images/s at s = 3", "{:.0f}"),
+                       ("speedup_vs_teacher", "speed-up vs CFG teacher", "{:.2f}x")])  # fmt: skip
+
+
 def print_report(report: dict) -> None:
     peak = next((v for k, v in BF16_DENSE_PEAK.items() if k in report["device"]), None)
     print(f"\n{report['command']}\non {report['device']}\n")
-    print("| stage | wall s | train steps x batch | train images/s | model TFLOP/s | of bf16 peak | peak memory GB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for s in report["stages"]:
-        share = f"{s['model_flop_per_s'] / peak:.1%}" if peak else "-"
-        print(f"| {s['stage']} | {s['seconds']:.1f} | {s['train_steps']} x {s['batch_size']} | {s['images_per_s']:.0f} "
-              f"| {s['model_flop_per_s'] / 1e12:.2f} | {share} | {s['peak_memory_gb']:.2f} "
-              f"({s['peak_memory_kind']}) |")  # fmt: skip
-    total = sum(s["seconds"] for s in report["stages"])
-    print(f"\ntraining in all: {total:.0f} s\n")
-    print("| model | sampling steps | s | evals / image | accuracy | FD | diversity |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in report["quality"]:
-        print(f"| {r['model']} | {r['sampling_steps']} | {r['scale']:g} | {r['evals_per_image']} | {r['accuracy']:.4f} "
-              f"| {r['fd']:.3f} | {r['diversity']:.3f} |")  # fmt: skip
-    print("\n| model | autocast | sampling steps | images/s at s = 3 | speed-up vs CFG teacher |")
-    print("|---|---|---:|---:|---:|")
-    for r in report["speed"]:
-        print(f"| {r['model']} | {r['autocast']} | {r['sampling_steps']} | {r['images_per_s']:.0f} "
-              f"| {r['speedup_vs_teacher']:.2f}x |")  # fmt: skip
+    STAGES.print(dict(s, train_steps_x_batch=f"{s['train_steps']} x {s['batch_size']}",
+                      model_tflop_per_s=s["model_flop_per_s"] / 1e12,
+                      of_peak=s["model_flop_per_s"] / peak if peak else None) for s in report["stages"])  # fmt: skip
+    print(f"\ntraining in all: {sum(s['seconds'] for s in report['stages']):.0f} s\n")
+    QUALITY.print(report["quality"])
+    print()
+    SPEED.print(report["speed"])
     if "cpu_vs_gpu" in report:
         c = report["cpu_vs_gpu"]
         print(f"\nCPU vs GPU, same {c['n']} samples: largest pixel difference {c['max_abs_diff']:.2e}, "
               f"mean {c['mean_abs_diff']:.2e}")  # fmt: skip
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = harness.entry(build_parser, run, __name__)

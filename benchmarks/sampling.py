@@ -4,48 +4,35 @@
     python -m benchmarks.sampling --ckpt runs/digits/teacher.pt --device cuda
 
 Speed does not depend on the weights, so without --ckpt an untrained model of the default size is
-timed. Prints network evaluations per image and wall time per batch (median of --repeats runs),
-with each speed as a ratio to the batched teacher measured in the same run.
+timed. Prints network evaluations per image (counted in a warm-up call) and wall time per batch (median
+of --repeats runs), with each speed as a ratio to the batched teacher measured in the same run; writes
+the rows to OUT/sampling.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from functools import partial
 
 import torch
 
+from benchmarks import harness
 from cfg_minimal import DDIMScheduler, Pipeline, build_model, load_pipeline, make_student, pick_device
 from cfg_minimal.data import dataset_info
 
-
-def time_call(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+RUNS = {  # name: (pipeline, batched)
+    "teacher, two passes": ("teacher", False),
+    "teacher, batched 2B": ("teacher", True),
+    "student, one pass": ("student", True),
+}
+TABLE = harness.Table([("batch", "batch", "{:d}"), ("sampler", "sampler", "{}"), "evals_per_image",
+                       ("seconds", "seconds / batch", "{:.3f}"), ("images_per_s", "images / s", "{:.1f}"),
+                       ("speedup", "speed vs batched teacher", "{:.2f}x")])  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="teacher checkpoint (default: an untrained model of the default size)")
-    p.add_argument("--arch", default="unet")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
-    p.add_argument("--sampling-steps", type=int, default=50)
-    p.add_argument("--scale", type=float, default=3.0)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args()
-    device = pick_device(args.device)
+def pipelines(args: argparse.Namespace, device: torch.device) -> dict[str, Pipeline]:
+    """The teacher (from --ckpt, or untrained) and a student made from it (untrained: speed is all we need)."""
     if args.ckpt:
         teacher = load_pipeline(args.ckpt, device=device)
     else:
@@ -55,31 +42,52 @@ def main() -> None:
                            info.channels, info.class_names)  # fmt: skip
     student = Pipeline(make_student(teacher.model).eval(), teacher.scheduler, teacher.dataset, teacher.image_size,
                        teacher.channels, teacher.class_names)  # fmt: skip
+    return {"teacher": teacher, "student": student}
+
+
+def run(args: argparse.Namespace) -> None:
+    harness.require_positive(args, "repeats", "batch_sizes")
+    device = pick_device(args.device)
+    out = harness.Outputs.of(args, "sampling.json")
+    pipes = pipelines(args, device)
+    teacher = pipes["teacher"]
     params = sum(p.numel() for p in teacher.model.parameters())
     size = f"{teacher.image_size}x{teacher.image_size}"
     print(f"{teacher.model.arch}, {params / 1e6:.2f}M parameters, {size}, {args.sampling_steps} DDIM steps, "
-          f"s = {args.scale}, device {device} ({torch.get_num_threads()} threads)\n")  # fmt: skip
-    print("| batch | sampler | evals / image | seconds / batch | images / s | speed vs batched teacher |")
-    print("|---:|---|---:|---:|---:|---:|")
+          f"s = {args.scale}, device {device} ({torch.get_num_threads()} threads)")  # fmt: skip
+    TABLE.header()
+    rows = []
     for batch in args.batch_sizes:
         labels = torch.arange(batch) % teacher.num_classes
         x_T = teacher.initial_noise(batch, 0)  # (batch, C, H, W), from seed 0
-        runs = {  # name: (pipeline, batched, passes per step)
-            "teacher, two passes": (teacher, False, 2),
-            "teacher, batched 2B": (teacher, True, 2),
-            "student, one pass": (student, True, 1),
-        }
-        seconds = {}
-        for name, (pipe, batched, _) in runs.items():
-            run = partial(pipe, labels, args.scale, args.sampling_steps, x_T=x_T, batched=batched)
-            run()  # warm-up
-            seconds[name] = time_call(run, args.repeats, device)
-        base = seconds["teacher, batched 2B"]
-        for name, (_, _, passes) in runs.items():
-            evals = passes * args.sampling_steps
-            print(f"| {batch} | {name} | {evals} | {seconds[name]:.3f} | {batch / seconds[name]:.1f} "
-                  f"| {base / seconds[name]:.2f}x |")  # fmt: skip
+        measured = []
+        for name, (model, batched) in RUNS.items():
+            pipe = pipes[model]
+            call = partial(pipe, labels, args.scale, args.sampling_steps, x_T=x_T, batched=batched)
+            with harness.EvalCounter(pipe.model) as counter:
+                call()  # the warm-up call, counted
+            seconds = statistics.median(harness.time_repeated(call, device, args.repeats, warmup=0))
+            measured.append(dict(batch=batch, sampler=name, evals_per_image=counter.images / batch, seconds=seconds,
+                                 images_per_s=batch / seconds))  # fmt: skip
+        base = next(r["seconds"] for r in measured if r["sampler"] == "teacher, batched 2B")
+        for row in measured:
+            row["speedup"] = base / row["seconds"]
+            TABLE.row(row)
+        rows += measured
+    out.json("sampling.json", harness.record(args, device, arch=teacher.model.arch, parameters=params, rows=rows,
+                                             sampling_steps=args.sampling_steps, scale=args.scale))  # fmt: skip
 
 
-if __name__ == "__main__":
-    main()
+def build_parser() -> argparse.ArgumentParser:
+    p = harness.parser("sampling", __doc__, n=None, data=False)
+    p.add_argument("--ckpt", help="teacher checkpoint (default: an untrained model of the default size)")
+    p.add_argument("--arch", default="unet", help="without --ckpt (default: unet)")
+    p.add_argument("--dataset", default="digits", help="its image size, without --ckpt (default: digits)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256], help="default: 1 256")
+    p.add_argument("--sampling-steps", type=int, default=50, help="default: 50")
+    p.add_argument("--scale", type=float, default=3.0, help="default: 3")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per row, after one warm-up (default: 3)")
+    return p
+
+
+main = harness.entry(build_parser, run, __name__)

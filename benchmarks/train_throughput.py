@@ -11,22 +11,28 @@ which, with +compile, includes the compilation: reported as its own column). Var
   tf32      float32 storage, TF32 matrix products and convolutions (CUDA)
   bf16      bf16 autocast as loop.fit uses on CUDA, TF32 for what stays float32
   +channels_last, +compile   loop.fit's OptimConfig.channels_last / .compile
-Prints a markdown table.
+Prints a markdown table and writes its rows to OUT/train_throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import harness
 from cfg_minimal import build_model, pick_device
 from cfg_minimal.distributed import device_name
 from cfg_minimal.loop import ema_update
+
+WARMUP_STEPS = 3
+TABLE = harness.Table([("arch", "arch", "{}"), ("image", "image", "{}"), ("parameters", "parameters", "{:.2f}M"),
+                       ("batch", "batch", "{:d}"), ("variant", "variant", "{}"),
+                       ("images_per_s", "train images / s", "{:.0f}"),
+                       ("first_step_seconds", "first step s", "{:.2f}")])  # fmt: skip
 
 
 def one_config(
@@ -45,9 +51,8 @@ def one_config(
     y = torch.randint(0, 10, (batch,), device=device)  # (B,)
     bf16 = parts[0] == "bf16" and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-    times = []
-    for _ in range(repeats + 3):
-        start = time.perf_counter()
+
+    def step() -> None:
         with autocast:
             loss = F.mse_loss(net(x, t, y).float(), x)
         opt.zero_grad(set_to_none=True)
@@ -55,34 +60,40 @@ def one_config(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema_update(ema, model, 0.999)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times[3:]), times[0]
+
+    times = harness.time_repeated(step, device, WARMUP_STEPS + repeats, warmup=0)  # the first includes compiling
+    return batch / statistics.median(times[WARMUP_STEPS:]), times[0]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["unet", "dit"])
-    p.add_argument("--sizes", type=int, nargs="+", default=[16, 28])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
-    p.add_argument("--variants", nargs="+", default=["fp32"])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args()
+def run(args: argparse.Namespace) -> None:
+    harness.require_positive(args, "repeats", "batch_sizes")
     device = pick_device(args.device)
-    print(f"device {device_name(device)}\n")
-    print("| arch | image | parameters | batch | variant | train images / s | first step s |")
-    print("|---|---:|---:|---:|---|---:|---:|")
+    out = harness.Outputs.of(args, "train_throughput.json")
+    print(f"device {device_name(device)}")
+    TABLE.header()
+    rows = []
     for arch in args.archs:
         for size in args.sizes:
             params = sum(p.numel() for p in build_model(arch, image_size=size).parameters()) / 1e6
             for batch in args.batch_sizes:
                 for variant in args.variants:
                     speed, first = one_config(arch, size, batch, variant, device, args.repeats)
-                    cells = [arch, f"{size}x{size}", f"{params:.2f}M", batch, variant, f"{speed:.0f}", f"{first:.2f}"]
-                    print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+                    rows.append(dict(arch=arch, image=f"{size}x{size}", parameters=params, batch=batch,
+                                     variant=variant, images_per_s=speed, first_step_seconds=first))  # fmt: skip
+                    TABLE.row(rows[-1])
+    out.json("train_throughput.json", harness.record(args, device, rows=rows))
 
 
-if __name__ == "__main__":
-    main()
+def build_parser() -> argparse.ArgumentParser:
+    p = harness.parser("train_throughput", __doc__, n=None, data=False)
+    p.add_argument("--archs", nargs="+", default=["unet", "dit"], help="default: unet dit")
+    p.add_argument("--sizes", type=int, nargs="+", default=[16, 28], help="image sizes (default: 16 28)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128], help="default: 128")
+    p.add_argument("--variants", nargs="+", default=["fp32"], help="default: fp32")
+    p.add_argument(
+        "--repeats", type=int, default=5, help=f"timed steps after {WARMUP_STEPS} warm-up steps (default: 5)"
+    )
+    return p
+
+
+main = harness.entry(build_parser, run, __name__)

@@ -4,8 +4,8 @@ A student eps_phi(x_t, t, y, s) takes the guidance scale s as an input and learn
 guided prediction in one pass:
     L = E_{x_0, y, t, eps, s} || eps_phi(x_t, t, y, s) - [eps_u + s (eps_c - eps_u)] ||^2,
 the target from the teacher's EMA weights via `guided_noise_pred` (the function the sampler uses).
-`DistillConfig.guider` and `.schedule` make the target another guidance rule (guiders.py), so the
-student learns, say, APG's or TCFG's output in one pass: `distillation_target`.
+`DistillConfig.guider` and `.schedule` make the target another guidance rule (any `distillable`
+Guider, including one of your own), so the student learns, say, APG's or TCFG's output in one pass.
 The student is the teacher's architecture plus a guidance embedder (embeddings.Conditioning) whose
 last layer is zero, and every teacher weight is copied: it starts as the teacher's conditional
 prediction eps_c for s >= 1 and as eps_u at s = 0 (the label fades in over s in [0, 1]).
@@ -24,11 +24,12 @@ from . import distributed
 from .checkpoint import dataset_metadata, load_checkpoint, model_from_checkpoint, weights_fingerprint
 from .data import load_dataset
 from .errors import UserError
-from .guidance import guided_noise_pred
-from .guiders import DISTILLABLE, SCHEDULES, Guider, guide_noise_pred, guider_from_spec, scheduled_scale
-from .loop import FitResult, LossFn, OptimConfig, existing_run, fit, resume_config, with_optim
+from .guidance import GUIDERS, Guider, guided_noise_pred, guider_from_spec
+from .guiders import SCHEDULES, scheduled_scale
+from .loop import FitResult, LossFn, OptimConfig, fit, with_optim
 from .models import DiffusionModel, build_model
 from .recipes import recipe
+from .resume import existing_run, resume_config
 from .schedulers import DDPMScheduler
 
 
@@ -38,7 +39,7 @@ class DistillConfig:
     s_max: float = 6.0
     p_s0: float = 0.2  # share of samples at exactly s = 0 (the student must learn to ignore y there)
     p_s1: float = 0.1  # ... and at exactly s = 1 (plain conditional)
-    guider: str = "cfg"  # the rule the student learns, a guiders.guider_from_spec text, e.g. "apg:eta=0"
+    guider: str = "cfg"  # the rule the student learns, a guidance.guider_from_spec text, e.g. "apg:eta=0"
     schedule: str = "constant"  # a guidance-weight schedule over t (guiders.SCHEDULES) baked into the target
     data_dir: str = "./data"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=64, warmup_steps=50))
@@ -65,39 +66,39 @@ def sample_scales(n: int, cfg: DistillConfig, device: torch.device | str = "cpu"
 
 
 def distillation_loss(teacher: DiffusionModel, scheduler: DDPMScheduler, cfg: DistillConfig) -> LossFn:
-    """MSE between the student's one-pass prediction and the teacher's CFG prediction, at random (t, s).
+    """MSE between the student's one-pass prediction and the teacher's guided prediction, at random (t, s).
 
     `student` may be wrapped in DDP; the teacher is not (it only runs forward, the same on every rank)."""
+    guider = target_guider(cfg)
 
     def loss_fn(student: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)  # (B,)
         x_t = scheduler.add_noise(x0, torch.randn_like(x0), t)  # (B, C, H, W)
         s = sample_scales(x0.shape[0], cfg, x0.device)  # (B,)
         with torch.no_grad():
-            target = distillation_target(teacher, x_t, t, y, s, cfg, scheduler.num_train_timesteps)  # (B, C, H, W)
+            target = distillation_target(teacher, x_t, t, y, s, guider, cfg.schedule, scheduler.num_train_timesteps)
         return F.mse_loss(student(x_t, t, y, guidance=s).float(), target.float())
 
     return loss_fn
 
 
-def target_guider(cfg: DistillConfig) -> Guider | None:
-    """The guider whose output the student learns (None: plain CFG), or a UserError for one it cannot learn.
+def target_guider(cfg: DistillConfig) -> Guider:
+    """The rule whose output the student learns, or a UserError for one it cannot learn.
 
-    A student is trained on single steps at random (t, s), so it can learn a rule that is a function of
+    A student is trained on single steps at random (t, s), so it learns a rule that is a function of
     (x_t, t, y, s): CFG, APG without momentum, CFG-Zero*'s optimised scale, TCFG, and any schedule (a
-    function of t). APG's momentum and CFG-Zero*'s zero-init depend on the earlier steps of a sampling
-    run, CFG++ needs a second eps for the re-noising, autoguidance a second network: refused."""
-    method = cfg.guider.partition(":")[0].strip()
-    if method not in DISTILLABLE:
-        raise UserError(f"cannot distil the {method!r} guider into a student: it needs a second eps per step (cfg++) "
-                        f"or a second network (autoguidance); distillable: {', '.join(DISTILLABLE)}")  # fmt: skip
+    function of t). The rule says so itself (`Guider.distillable`): APG's momentum and CFG-Zero*'s
+    zero-init depend on the earlier steps of a sampling run, autoguidance needs a second network."""
+    name = cfg.guider.partition(":")[0].strip()
+    if name in GUIDERS and GUIDERS[name].needs_guide_model:
+        raise UserError(f"cannot distil the {name!r} guider into a student: it runs a second network at every step")
     guider = guider_from_spec(cfg.guider)
-    if not guider.stateless:
-        raise UserError("cannot distil APG's momentum or CFG-Zero*'s zero-init: they carry state across the "
-                        "sampling steps of a run, and a student learns single steps; distil without them")  # fmt: skip
+    if not guider.distillable:
+        raise UserError(f"cannot distil {cfg.guider!r}: it carries state across the sampling steps of a run "
+                        "(APG's momentum, CFG-Zero*'s zero-init), and a student learns single steps")  # fmt: skip
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"unknown guidance schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    return None if guider.method == "cfg" else guider
+    return guider
 
 
 def distillation_target(
@@ -106,16 +107,14 @@ def distillation_target(
     t: torch.Tensor,
     y: torch.Tensor,
     s: torch.Tensor,
-    cfg: DistillConfig,
+    guider: Guider,
+    schedule: str,
     num_train_timesteps: int,
 ) -> torch.Tensor:
-    """The eps (B, C, H, W) the student eps(x_t, t, y, s) learns: the teacher's guided prediction at the
-    scale s (B,), through cfg.schedule's s_t and cfg.guider's rule. The default is guided_noise_pred's CFG."""
-    guider = target_guider(cfg)
-    s_t = scheduled_scale(s, t, num_train_timesteps, cfg.schedule)  # (B,), s itself when constant
-    if guider is None:
-        return guided_noise_pred(teacher, x_t, t, y, s_t)
-    return guide_noise_pred(teacher, x_t, t, y, s_t, guider).eps
+    """The prediction (B, C, H, W) the student model(x_t, t, y, s) learns: the teacher's guided prediction at
+    the scale s (B,), through the schedule's s_t and the guider's rule (guided_noise_pred, as the sampler)."""
+    s_t = scheduled_scale(s, t, num_train_timesteps, schedule)  # (B,), s itself when constant
+    return guided_noise_pred(teacher, x_t, t, y, s_t, guider)
 
 
 def distill_student(

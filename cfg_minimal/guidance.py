@@ -1,4 +1,12 @@
-"""Classifier-free guidance (Ho & Salimans 2022): the one place the CFG rule lives.
+"""Classifier-free guidance (Ho & Salimans 2022) and the one interface every guidance rule follows.
+
+    pred = pred_u + s * (pred_c - pred_u)        pred_u = model(x, t, null),  pred_c = model(x, t, y)
+
+That is `cfg_combine`, and `CFG.combine` below is nothing else. A rule is one small class (`Guider`):
+which passes it needs at the scale s (`passes`), the labels of its guiding pass (`guide_labels`), and
+how it combines the two predictions at a step (`combine`, with a per-run `GuiderState`). The sampler
+and the distillation target both call `guided_noise_pred`, so they cannot disagree. A new rule is a
+subclass with a `name`, in any file: `guider_from_spec("name:setting=value")` finds it.
 
 | thing                 | convention                                                                  |
 |-----------------------|-----------------------------------------------------------------------------|
@@ -8,21 +16,28 @@
 | labels                | LongTensor (B,), values in [0, num_classes]                                 |
 | timesteps             | integer t in [0, T), LongTensor (B,), the same in training and sampling     |
 | images                | float (B, C, H, W) in [-1, 1]                                               |
-| prediction            | epsilon                                                                     |
+| prediction            | the network's output, eps or v (`predictions.py`); every rule is applied to |
+|                       | it as diffusers' guiders are                                                |
 | student's scale input | the same s, embedded (sinusoid + zero-initialised MLP)                      |
-
-The sampler and the distillation target both call `guided_noise_pred`, so they cannot disagree.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
+from dataclasses import MISSING, dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
 from .errors import UserError
 from .models import DiffusionModel
+
+
+def cfg_combine(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """pred = pred_u + s * (pred_c - pred_u)   (Ho & Salimans 2022, eq. 6 with w = s - 1); s a float or (B,)."""
+    if isinstance(scale, torch.Tensor) and scale.ndim == 1:
+        scale = scale.view(-1, *([1] * (pred_cond.ndim - 1)))  # (B, 1, 1, 1)
+    return pred_uncond + scale * (pred_cond - pred_uncond)
 
 
 def w_to_s(w: float) -> float:
@@ -35,56 +50,123 @@ def s_to_w(s: float) -> float:
     return s - 1.0
 
 
-def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """eps = eps_u + s * (eps_c - eps_u)   (Ho & Salimans 2022, eq. 6 with w = s - 1).
-
-    `scale` is a float or a (B,) tensor, one scale per sample."""
-    if isinstance(scale, torch.Tensor) and scale.ndim == 1:
-        scale = scale.view(-1, *([1] * (eps_cond.ndim - 1)))  # (B, 1, 1, 1)
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+GUIDERS: dict[str, type[Guider]] = {}  # spec name -> class; a subclass with a `name` adds itself
 
 
-def as_scale_tensor(scale: float | torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
-    """A float or a (B,) tensor -> a finite float32 (B,) tensor; anything else is a UserError.
+@dataclass
+class GuiderState:
+    """What a rule carries from one sampling step to the next, for one sampling run."""
 
-    The one place a scale is checked: guided_noise_pred calls it, so every sampler and loss does."""
-    if isinstance(scale, torch.Tensor):
-        scale = scale.detach().to(device=device, dtype=torch.float32)
-        if scale.ndim == 0:
-            scale = scale.expand(batch_size)
-        if scale.shape != (batch_size,):
-            raise UserError(
-                f"guidance_scale must be a float or a tensor of shape ({batch_size},), got {tuple(scale.shape)}"
-            )
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # NumPy scalars are Real too
-            raise UserError(f"guidance_scale must be a number or a tensor, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise UserError(f"guidance_scale must be finite, got {scale}")
-        return torch.full((batch_size,), float(scale), device=device)
-    # A tensor on a GPU is not checked here: that would stall every sampling step. The Pipeline checks
-    # a user's scales on the CPU before moving them; the distillation losses draw theirs in range.
-    if scale.device.type == "cpu" and not torch.isfinite(scale).all():
-        raise UserError(f"guidance_scale must be finite, got {scale[~torch.isfinite(scale)][0].item()}")
-    return scale
+    step: int = 0  # sampling steps done so far
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # a rule's own running values (APG's momentum)
+    keep_guide_pass: bool = False  # run the guiding pass at every row, and keep it (a CFG++ sampler re-noises with it)
+    guide_pred: torch.Tensor | None = None  # the last step's guiding pass (B, C, H, W), when kept
 
 
-def rescale_guidance(eps_guided: torch.Tensor, eps_cond: torch.Tensor, phi: float) -> torch.Tensor:
+@dataclass(frozen=True, eq=False)
+class Guider:
+    """One guidance rule and its settings. Every setting's default is its neutral value, and each rule says
+    whether a student can learn it (`distillable`) and whether it runs a second network (`needs_guide_model`)."""
+
+    name: ClassVar[str] = ""
+    needs_guide_model: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            GUIDERS[cls.name] = cls
+
+    @property
+    def distillable(self) -> bool:
+        """A function of (x_t, t, y, s) alone, so a student trained on single steps can learn it."""
+        return not self.needs_guide_model
+
+    @property
+    def scale_only(self) -> bool:
+        """The rule only sets s per step: a student, which takes s as its input, can follow it."""
+        return False
+
+    def scale_at(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The scale used at timesteps t (B,): s (B,) itself unless a rule varies it."""
+        return s
+
+    def passes(self, s: torch.Tensor, state: GuiderState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) bool each: the rows whose result reads pred_c, and those that read the guiding pass. A pass that
+        no row reads is skipped, and an unread row of a pass is zero, so s = 1 gives pred_c exactly."""
+        return torch.ones_like(s, dtype=torch.bool), s != 1
+
+    def guide_labels(self, y: torch.Tensor, null_class: int) -> torch.Tensor:
+        """The labels (B,) of the guiding pass: the null label (pred_u)."""
+        return torch.full_like(y, null_class)
+
+    def guiding_model(self, model: DiffusionModel) -> DiffusionModel:
+        """The network of the guiding pass: the model itself, unless the rule brings another."""
+        return model
+
+    def combine(self, pred_g: torch.Tensor, pred_c: torch.Tensor, s: torch.Tensor, state: GuiderState) -> torch.Tensor:
+        """The guided prediction (B, C, H, W) from the guiding pass, the conditional pass and s (B,)."""
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """The text `guider_from_spec` turns back into this guider: 'name:setting=value,...'."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in settings(type(self))
+                   if getattr(self, f.name) != f.default]  # fmt: skip
+        return ":".join([self.name, ",".join(changed)]) if changed else self.name
+
+
+@dataclass(frozen=True, eq=False)
+class CFG(Guider):
+    """Plain classifier-free guidance, pred_u + s (pred_c - pred_u), with diffusers' options (all off by default):
+
+    rescale = phi          `rescale_guidance` of the result towards std(pred_c) (Lin et al. 2024, Sec. 3.4).
+    interval = (lo, hi)    guide only where lo <= t <= hi, plain conditional elsewhere (Kynkaanniemi et al. 2024).
+    negative_labels        one id or (B,) ids whose prediction takes the place of pred_u: "a 7, not a 1"."""
+
+    name: ClassVar[str] = "cfg"
+    rescale: float = 0.0
+    interval: tuple[int, int] | None = None
+    negative_labels: int | torch.Tensor | None = None
+
+    def combine(self, pred_g: torch.Tensor, pred_c: torch.Tensor, s: torch.Tensor, state: GuiderState) -> torch.Tensor:
+        guided = cfg_combine(pred_g, pred_c, s)
+        return rescale_guidance(guided, pred_c, self.rescale) if self.rescale != 0 else guided
+
+    def passes(self, s: torch.Tensor, state: GuiderState) -> tuple[torch.Tensor, torch.Tensor]:
+        need_c = s != 0 if self.rescale == 0 else torch.ones_like(s, dtype=torch.bool)  # rescale reads pred_c
+        return need_c, s != 1  # s = 0: pred_u alone, s = 1: pred_c alone, both exact
+
+    def scale_at(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return s if self.interval is None else interval_scale(s, t, self.interval)
+
+    def guide_labels(self, y: torch.Tensor, null_class: int) -> torch.Tensor:
+        if self.negative_labels is None:
+            return torch.full_like(y, null_class)
+        return torch.as_tensor(self.negative_labels, device=y.device).expand_as(y)
+
+    @property
+    def distillable(self) -> bool:
+        return self.negative_labels is None  # a student has no input for a negative label
+
+    @property
+    def scale_only(self) -> bool:
+        return self.rescale == 0 and self.negative_labels is None
+
+
+def rescale_guidance(guided: torch.Tensor, pred_cond: torch.Tensor, phi: float) -> torch.Tensor:
     """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4):
 
-        eps_rescaled = eps_cfg * std(eps_c) / std(eps_cfg)
-        eps          = phi * eps_rescaled + (1 - phi) * eps_cfg,
+        pred_rescaled = pred_cfg * std(pred_c) / std(pred_cfg)
+        pred          = phi * pred_rescaled + (1 - phi) * pred_cfg,
 
     std per sample over (C, H, W). A large s inflates the guided prediction's spread, which over-exposes
-    images; phi in [0, 1] pulls it back to the conditional prediction's spread. Applied to eps, as
-    diffusers' `guidance_rescale` does."""
-    dims = tuple(range(1, eps_guided.ndim))
-    ratio = eps_cond.std(dim=dims, keepdim=True) / eps_guided.std(dim=dims, keepdim=True).clamp(min=1e-12)  # (B,1,1,1)
-    return phi * (eps_guided * ratio) + (1 - phi) * eps_guided
+    images; phi in [0, 1] pulls it back to the conditional prediction's spread (diffusers' `guidance_rescale`)."""
+    dims = tuple(range(1, guided.ndim))
+    ratio = pred_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp(min=1e-12)  # (B,1,1,1)
+    return phi * (guided * ratio) + (1 - phi) * guided
 
 
 def interval_scale(scale: torch.Tensor, t: torch.Tensor, interval: tuple[int, int]) -> torch.Tensor:
-    """Guidance in a limited interval (Kynkäänniemi et al. 2024): s where t_lo <= t <= t_hi, else 1.
+    """Guidance in a limited interval (Kynkaanniemi et al. 2024): s where t_lo <= t <= t_hi, else 1.
 
     Outside the interval the step is plain conditional, which costs one pass instead of two. Guiding
     at the noisiest steps mostly spends diversity (every sample is pushed to the class mean early)."""
@@ -99,92 +181,126 @@ def guided_noise_pred(
     t: torch.Tensor,
     y: torch.Tensor,
     scale: float | torch.Tensor,
+    guider: Guider | None = None,
+    state: GuiderState | None = None,
     batched: bool = True,
-    negative_labels: torch.Tensor | None = None,
-    rescale: float = 0.0,
-    interval: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Guided epsilon for x (B, C, H, W), t (B,), y (B,) at scale s (float or (B,)).
+    """The guided prediction (B, C, H, W) for x (B, C, H, W), t (B,), y (B,) at scale s (a float or (B,)).
 
-    Teacher: cfg_combine(eps(x, t, null), eps(x, t, y), s), from one forward over the 2B batch
-    (`batched`) or two forwards. A scale of exactly 0 (or 1) given as a number needs only the
-    unconditional (conditional) pass, so the other is skipped; a per-sample scale tensor runs both
-    passes for every row and takes eps_u (eps_c) exactly where s = 0 (1).
-    Student (a model with a guidance input): one pass, eps(x, t, y, s).
-
-    Variants (all off by default, all per sample):
-      negative_labels (B,)  eps(x, t, y_neg) takes the place of eps_u: eps = eps_neg + s (eps_c - eps_neg),
-                            "a 7, not a 1". The null label there is plain CFG.
-      rescale = phi         `rescale_guidance` of the result towards std(eps_c).
-      interval = (lo, hi)   `interval_scale`: guide only where lo <= t <= hi, plain conditional elsewhere.
-    A student can take the interval (it only changes s) but not the other two: its one pass yields
-    neither eps_c nor a slot for a negative label, so asking for them is a UserError (the one place
-    this is checked).
-    """
-    s = as_scale_tensor(scale, x.shape[0], x.device)  # (B,)
-    single_pass = None if isinstance(scale, torch.Tensor) or rescale != 0 else float(scale)  # one s for all rows
-    if interval is not None:
-        s = interval_scale(s, t, interval)
-        if single_pass is not None:  # the rows' s may now differ (a host sync on a GPU; the interval is opt-in)
-            single_pass = float(s[0]) if bool((s == s[0]).all()) else None
-    null = torch.full_like(y, model.null_class)
-    uncond_labels = null if negative_labels is None else negative_labels.to(y.device)  # (B,)
+    Teacher: guider.combine(pred_g, pred_c, s) (plain CFG by default) of its two passes, from one forward
+    over the 2B batch (`batched`) or two forwards. Student (a model with a guidance input): one pass,
+    model(x, t, y, guidance=s) with s as the guider sets it per step. One call is one sampling step:
+    with a `state`, it advances state.step. Inputs are checked where they enter (the Pipeline, the CLIs,
+    the distillation config)."""
+    guider = CFG() if guider is None else guider
+    state = GuiderState() if state is None else state
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
+    s = guider.scale_at(s, t)
     if model.is_student:
-        if negative_labels is not None and not torch.equal(uncond_labels, null):
-            raise UserError(
-                "a guidance-distilled student cannot do negative-class guidance: its one pass has no "
-                "unconditional prediction to replace. Sample with its teacher instead"
-            )
-        if rescale != 0:
-            raise UserError(
-                "guidance rescale needs the conditional prediction eps_c, which a guidance-distilled "
-                "student does not compute; sample with its teacher instead"
-            )
-        return model(x, t, y, guidance=s)
-    if single_pass == 0.0:  # s = 0 for every sample: eps_u alone
-        return model(x, t, uncond_labels)
-    if single_pass == 1.0:  # s = 1: eps_c alone
-        return model(x, t, y)
-    if batched:  # one forward over the 2B batch
-        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, uncond_labels])).chunk(2)
+        pred = model(x, t, y, guidance=s)
     else:
-        eps_c, eps_u = model(x, t, y), model(x, t, uncond_labels)  # (B, C, H, W) each
-    # Rows at s = 0 or 1 take eps_u or eps_c exactly (cfg_combine would round). Selecting rows with where
-    # keeps the batch's shape fixed, so a GPU never waits for the host to count them.
-    s_4d = s.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
-    guided = torch.where(s_4d == 1, eps_c, torch.where(s_4d == 0, eps_u, cfg_combine(eps_u, eps_c, s)))
-    return rescale_guidance(guided, eps_c, rescale) if rescale != 0 else guided
+        need_c, need_g = _needed_passes(guider, scale, s, state)
+        pred_c, pred_g = two_passes(model, guider, x, t, y, need_c, need_g, batched)
+        pred = guider.combine(pred_g, pred_c, s, state)
+        state.guide_pred = pred_g if state.keep_guide_pass else None
+    state.step += 1
+    return pred
 
 
-def noise_preds(
+def _needed_passes(
+    guider: Guider, scale: float | torch.Tensor, s: torch.Tensor, state: GuiderState
+) -> tuple[bool | torch.Tensor, bool | torch.Tensor]:
+    """The guider's passes, as one bool per pass where every row shares a scale given as a number (the host
+    knows then, and a pass that no row reads is skipped), else as (B,) masks: both passes run for every
+    row, which keeps the batch's shape fixed, so a GPU never waits for the host to count rows."""
+    if isinstance(scale, torch.Tensor):
+        need_c, need_g = guider.passes(s, state)
+    else:  # s is one number for all rows, unless an interval splits them (a host sync; intervals are opt-in)
+        shared = s[:1].cpu() if bool((s == s[0]).all()) else s.cpu()
+        masks = guider.passes(shared, state)
+        need_c, need_g = (bool(m.all()) if len(shared) == 1 else m.to(s.device) for m in masks)
+    return need_c, (True if state.keep_guide_pass else need_g)
+
+
+def two_passes(
     model: DiffusionModel,
+    guider: Guider,
     x: torch.Tensor,
     t: torch.Tensor,
     y: torch.Tensor,
-    guide_labels: torch.Tensor,
-    need_cond: torch.Tensor,
-    need_guide: torch.Tensor,
+    need_c: bool | torch.Tensor,
+    need_g: bool | torch.Tensor,
     batched: bool = True,
-    guide_model: DiffusionModel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two passes of a guided step -> (eps_c, eps_g), each (B, C, H, W), zeros where a pass is skipped.
+    """(pred_c, pred_g), each (B, C, H, W): model(x, t, y) and the guiding pass (guider's labels and network).
 
-    eps_c = model(x, t, y) for the rows in need_cond (B,) bool; the guiding pass eps_g = model(x, t,
-    guide_labels) (the null label: eps_u) for the rows in need_guide, or guide_model(x, t, guide_labels)
-    when a separate guiding network is given (autoguidance). One forward over both passes (`batched`,
-    one network only) or two."""
-    x_in, t_in = torch.cat([x[need_cond], x[need_guide]]), torch.cat([t[need_cond], t[need_guide]])
-    y_in = torch.cat([y[need_cond], guide_labels[need_guide]])  # (n_cond + n_guide,)
-    n_cond = int(need_cond.sum())
-    if batched and guide_model is None:
-        parts = [(model, slice(None))]  # one forward
+    A pass needed by no row (need_* False) is not run; rows a pass is not needed for (a (B,) mask) are
+    zero, so a rule's unread term is exactly 0. One forward over both passes when `batched` and the
+    guiding network is the model itself, else two."""
+    guide_net, y_g = guider.guiding_model(model), guider.guide_labels(y, model.null_class)
+    nets = [(model, y, need_c), (guide_net, y_g, need_g)]
+    ran = [(net, labels) for net, labels, need in nets if need is not False]
+    if batched and len(ran) == 2 and guide_net is model:
+        preds = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_g])).chunk(2)  # (B, C, H, W) each
     else:
-        parts = [(model, slice(0, n_cond)), (guide_model or model, slice(n_cond, None))]
-    eps = torch.cat(
-        [net(x_in[p], t_in[p], y_in[p]) for net, p in parts if len(x_in[p]) > 0]
-    )  # (n_cond + n_guide, C, H, W)
-    eps_c_rows, eps_g_rows = eps.split([n_cond, len(eps) - n_cond])
-    # A skipped pass has coefficient 0 in cfg_combine; zeros keep the result exact (eps_u + 0 * ...).
-    eps_c = eps.new_zeros(x.shape).index_put_((need_cond,), eps_c_rows)  # (B, C, H, W)
-    eps_g = eps.new_zeros(x.shape).index_put_((need_guide,), eps_g_rows)  # (B, C, H, W)
-    return eps_c, eps_g
+        preds = [net(x, t, labels) for net, labels in ran]
+    out = iter(preds)
+    pred_c, pred_g = (next(out) if need is not False else None for _, _, need in nets)
+    zero = torch.zeros_like(preds[0] if preds else x)  # (B, C, H, W)
+    return _rows_or_zero(pred_c, need_c, zero), _rows_or_zero(pred_g, need_g, zero)
+
+
+def _rows_or_zero(pred: torch.Tensor | None, need: bool | torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    if pred is None:
+        return zero
+    if isinstance(need, torch.Tensor):
+        return torch.where(need.view(-1, *([1] * (pred.ndim - 1))), pred, zero)  # (B, C, H, W)
+    return pred
+
+
+def settings(cls: type[Guider]) -> list:
+    """The settings of a guider class a spec may set: its fields with a number, bool or text default."""
+    return [f for f in fields(cls) if f.default is not MISSING and isinstance(f.default, (bool, int, float, str))]
+
+
+def guider_from_spec(spec: str, guide_model: DiffusionModel | None = None) -> Guider:
+    """'apg:eta=0,norm_threshold=4,momentum=-0.5' -> APG(eta=0.0, ...); 'tcfg' -> TangentialCFG().
+
+    The names are GUIDERS' (any subclass of Guider with a `name`), the settings the class's own fields;
+    anything else is a UserError naming them. A rule that needs a guide model gets `guide_model`."""
+    from . import guiders  # noqa: F401  (the rules beyond CFG register themselves on import)
+
+    name, _, text = spec.strip().partition(":")
+    if name not in GUIDERS:
+        hint = "; CFG++ is a sampler: --sampler ddim-cfg++" if name == "cfg++" else ""
+        raise UserError(f"unknown guider {name!r}; choose one of {', '.join(GUIDERS)}{hint}")
+    cls = GUIDERS[name]
+    own = {f.name: f for f in settings(cls)}
+    kwargs: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in own:
+            raise UserError(f"guider {name!r} takes the settings name=value with name one of: "
+                            f"{', '.join(own) or 'none'}; got {item!r}")  # fmt: skip
+        kwargs[key] = _parse_setting(key, value.strip(), type(own[key].default))
+    if cls.needs_guide_model:
+        if guide_model is None:
+            raise UserError(f"the {name} guider needs a guiding model (--guide-ckpt)")
+        kwargs["guide_model"] = guide_model
+    return cls(**kwargs)
+
+
+def _parse_setting(key: str, value: str, kind: type) -> float | int | bool | str:
+    """One 'name=value' of a guider spec, as the type of the setting's default."""
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        number = kind(value)
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError
+        return number
+    except ValueError:
+        raise UserError(f"guider setting {key} must be a finite {kind.__name__}, got {value!r}") from None

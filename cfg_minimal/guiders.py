@@ -1,7 +1,8 @@
-"""Guidance rules beyond plain CFG: each turns one sampling step's two predictions into the guided eps.
+"""Guidance rules beyond plain CFG: one small class each, behind guidance.Guider's interface.
 
-Plain CFG (guidance.cfg_combine) is eps = eps_u + s (eps_c - eps_u). The rules here keep the same two
-passes and the same s (s = 1 is the conditional model, larger s guides more) and change the combination:
+Plain CFG (guidance.CFG) is eps = eps_u + s (eps_c - eps_u). The rules here keep the same two passes
+and the same s (s = 1 is the conditional model, larger s guides more) and change the combination
+(written for eps; each is applied to the network's output, eps or v, as diffusers' guiders are):
 
 | method          | paper                          | eps (per sample; D = eps_c - eps_u)                           |
 |-----------------|--------------------------------|---------------------------------------------------------------|
@@ -9,20 +10,22 @@ passes and the same s (s = 1 is the conditional model, larger s guides more) and
 |                 |                                | and rescaled to norm <= r; D_par: the part along eps_c        |
 | `cfg-zero-star` | Fan et al. 2025                | a eps_u + s (eps_c - a eps_u), a = <eps_c, eps_u> / |eps_u|^2; |
 |                 |                                | eps = 0 at the first K sampling steps ("zero-init")           |
-| `cfg++`         | Chung et al. 2025 (ICLR)       | CFG's eps predicts x_0; the DDIM step re-noises with eps_u    |
 | `tcfg`          | Kwon et al. 2025               | CFG with eps_u projected on the first right-singular vector   |
 |                 |                                | of the 2-row matrix [eps_c; eps_u]                            |
 | `autoguidance`  | Karras et al. 2024 (NeurIPS)   | eps_w + s (eps_c - eps_w), eps_w from a weaker model, same y  |
 
-Guidance-weight schedules (Wang et al. 2024, TMLR) vary s over t and combine with any rule and with
-a distilled student: `scheduled_scale`.
+CFG++ (Chung et al. 2025, ICLR: the guided eps predicts x_0, the DDIM step re-noises with eps_u) changes
+the sampler, not the combination: it is the sampler `ddim-cfg++` (schedulers.DDIMCFGPPScheduler), with
+any rule. Guidance-weight schedules (Wang et al. 2024, TMLR) vary s over t and combine with any rule and
+with a distilled student: `scheduled_scale`.
 
 Each rule equals plain CFG at its neutral setting (APG: eta = 1, r = 0, beta = 0; CFG-Zero* without the
 optimised scale and zero-init; a constant schedule), exactly: tests/test_guiders.py checks that, parity
 with diffusers' guiders, and that every rule acts per sample.
 
 State across sampling steps (APG's momentum, CFG-Zero*'s step count) is explicit: the sampler carries
-one `GuiderState` through a sampling run; `state=None` means stateless use (the distillation target).
+one `GuiderState` through a sampling run; the distillation target starts a fresh one at every step, so
+only a rule whose output does not depend on earlier steps is `distillable`.
 
 Not here, and why (diffusers has them). Perturbed-attention guidance (Ahn et al. 2024), skip-layer
 guidance and smoothed-energy guidance (Hong 2024) make the guiding pass from a perturbed network: the
@@ -33,30 +36,23 @@ unconditional or text models where no cheap null-label pass exists, while a clas
 has one (autoguidance, with a weaker checkpoint, is the perturbed-network idea that does fit).
 Frequency-decoupled guidance (Sadat et al. 2025) guides each band of a Laplacian pyramid of eps with
 its own scale; on 16x16 or 28x28 single-channel digits the pyramid has two or three bands and each
-adds a scale to sweep. Either would be another method of `Guider.combine`.
+adds a scale to sweep. Either would be one more class here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .guidance import as_scale_tensor, cfg_combine, interval_scale, noise_preds
+from .guidance import Guider, GuiderState, cfg_combine
 from .models import DiffusionModel
 
-GUIDERS = ("cfg", "apg", "cfg-zero-star", "cfg++", "tcfg", "autoguidance")
 SCHEDULES = ("constant", "linear", "cosine")
-# Which Guider settings each method reads; any other is a user's mistake.
-METHOD_SETTINGS = {"cfg": (), "apg": ("eta", "norm_threshold", "momentum"),
-                   "cfg-zero-star": ("optimized_scale", "zero_init_steps"), "cfg++": (), "tcfg": (),
-                   "autoguidance": ()}  # fmt: skip
-SETTINGS = {name for names in METHOD_SETTINGS.values() for name in names}
-# Rules that are functions of (x, t, y, s) alone, so a student can learn them (distill.py).
-DISTILLABLE = ("cfg", "apg", "cfg-zero-star", "tcfg")
 
 
 def _per_sample(s: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
@@ -68,23 +64,6 @@ def project(v: torch.Tensor, onto: torch.Tensor) -> torch.Tensor:
     """The part of v (B, C, H, W) parallel to `onto`, per sample: <v, u> u with u = onto / ||onto||."""
     u = F.normalize(onto.flatten(1), dim=1)  # (B, C*H*W)
     return ((v.flatten(1) * u).sum(dim=1, keepdim=True) * u).view_as(v)  # (B, C, H, W)
-
-
-@dataclass
-class GuiderState:
-    """What a guider carries from one sampling step to the next, for one sampling run."""
-
-    step: int = 0  # sampling steps done so far
-    momentum: torch.Tensor | None = None  # APG's running average of the guidance difference, (B, C, H, W)
-
-
-@dataclass
-class GuidedEps:
-    """One sampling step's guided prediction: `eps` predicts x_0; the step re-noises with `renoise_eps`
-    (None: with eps itself, as every sampler does; CFG++: with eps_u)."""
-
-    eps: torch.Tensor  # (B, C, H, W)
-    renoise_eps: torch.Tensor | None = None  # (B, C, H, W)
 
 
 def apg(
@@ -107,14 +86,13 @@ def apg(
 
     eta = 1, r = 0, beta = 0 is plain CFG; the parallel part is what over-saturates, so eta = 0 is the
     paper's choice. Written as CFG plus (s - 1) times APG's change to D, so the neutral setting is CFG to
-    the last bit. Applied to eps, the network's output, as diffusers' guider does. Momentum needs `state`."""
+    the last bit. Applied to the network's output, as diffusers' guider does. Momentum lives in `state`."""
     diff = eps_c - eps_u  # (B, C, H, W)
     update = diff
     if momentum != 0:
-        if state is None:
-            raise UserError("APG's momentum carries state across sampling steps; pass a GuiderState (or momentum=0)")
-        update = diff if state.momentum is None else diff + momentum * state.momentum
-        state.momentum = update
+        previous = state.values.get("momentum")
+        update = diff if previous is None else diff + momentum * previous
+        state.values["momentum"] = update
     if norm_threshold > 0:
         norm = update.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))  # (B, 1, 1, 1)
         update = update * (norm_threshold / norm).clamp(max=1.0)
@@ -165,140 +143,93 @@ def scheduled_scale(scale: torch.Tensor, t: torch.Tensor, num_train_timesteps: i
     u = 1.0 - t.to(scale.dtype) / num_train_timesteps  # (B,) sampling progress
     if schedule == "linear":
         ramp = 2 * u
-    elif schedule == "cosine":
+    else:  # cosine
         ramp = 1 - torch.cos(math.pi * u)
-    else:
-        raise UserError(f"unknown guidance schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     return 1 + (scale - 1) * ramp  # (B,)
 
 
 @dataclass(frozen=True, eq=False)
-class Guider:
-    """A guidance rule and its settings (see the table at the top); `guider_from_spec` builds one from text.
+class APG(Guider):
+    """Adaptive projected guidance (`apg`): eta = 1, r = 0, beta = 0 is plain CFG; the paper uses eta = 0."""
 
-    Every setting's default is its neutral value, so Guider("apg") is plain CFG until eta, r or beta move."""
-
-    method: str = "cfg"  # one of GUIDERS
-    eta: float = 1.0  # apg: weight of the parallel part (the paper: 0)
-    norm_threshold: float = 0.0  # apg: r, 0 is off
-    momentum: float = 0.0  # apg: beta (the paper: -0.5 ... -0.75)
-    optimized_scale: bool = True  # cfg-zero-star: use a*; False leaves only the zero-init
-    zero_init_steps: int = 0  # cfg-zero-star: K, the first K sampling steps predict eps = 0
-    guide_model: DiffusionModel | None = field(default=None, repr=False)  # autoguidance: the weaker model
+    name: ClassVar[str] = "apg"
+    eta: float = 1.0  # weight of the parallel part
+    norm_threshold: float = 0.0  # r, 0 is off
+    momentum: float = 0.0  # beta (the paper: -0.5 ... -0.75); carries state across sampling steps
 
     def __post_init__(self):
-        if self.method not in GUIDERS:
-            raise UserError(f"unknown guider {self.method!r}; choose one of {', '.join(GUIDERS)}")
-        if (self.method == "autoguidance") != (self.guide_model is not None):
-            raise UserError("autoguidance needs a weaker guiding model (--guide-ckpt), and only autoguidance takes one")
-        if not (math.isfinite(self.eta) and math.isfinite(self.momentum) and self.norm_threshold >= 0):
-            raise UserError("APG needs a finite eta and momentum and a norm_threshold >= 0 (0 is off)")
-        if self.zero_init_steps < 0:
-            raise UserError(f"zero_init_steps must be >= 0, got {self.zero_init_steps}")
-        own = METHOD_SETTINGS[self.method]
-        wrong = [f.name for f in fields(self) if f.name in SETTINGS and f.name not in own
-                 and getattr(self, f.name) != f.default]  # fmt: skip
-        if wrong:
-            raise UserError(f"{self.method} has no setting {', '.join(wrong)}; its own: {', '.join(own) or 'none'}")
+        if not self.norm_threshold >= 0:
+            raise UserError(f"APG's norm_threshold must be >= 0 (0 is off), got {self.norm_threshold}")
 
     @property
-    def stateless(self) -> bool:
-        """True when the rule is a function of the current step alone (no momentum, no zero-init)."""
-        return self.momentum == 0 and self.zero_init_steps == 0
+    def distillable(self) -> bool:
+        return self.momentum == 0
 
-    def needs_guide_pass(self, s: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: the rows whose result depends on the guiding pass. At s = 1 every rule here gives
-        eps_c from a zero eps_g, except CFG++ (it re-noises with eps_u) and APG's momentum (it accumulates)."""
-        if self.method == "cfg++" or self.momentum != 0:
-            return torch.ones_like(s, dtype=torch.bool)
-        return s != 1
+    def passes(self, s: torch.Tensor, state: GuiderState) -> tuple[torch.Tensor, torch.Tensor]:
+        need_c, need_g = super().passes(s, state)
+        return need_c, (need_g if self.momentum == 0 else torch.ones_like(need_g))  # momentum accumulates at s = 1
 
-    def combine(
-        self, eps_g: torch.Tensor, eps_c: torch.Tensor, s: torch.Tensor, state: GuiderState | None = None
-    ) -> GuidedEps:
-        """The rule on one step's eps_g (eps_u, or the weaker model's eps), eps_c (B, C, H, W) and s (B,)."""
-        if self.method == "apg":
-            return GuidedEps(apg(eps_g, eps_c, s, self.eta, self.norm_threshold, self.momentum, state))
-        if self.method == "cfg-zero-star" and self.optimized_scale:
-            return GuidedEps(cfg_zero_star(eps_g, eps_c, s))
-        if self.method == "tcfg":
-            return GuidedEps(tangential_cfg(eps_g, eps_c, s))
-        guided = cfg_combine(eps_g, eps_c, s)  # cfg, cfg++, autoguidance, cfg-zero-star without a*
-        return GuidedEps(guided, renoise_eps=eps_g if self.method == "cfg++" else None)
+    def combine(self, pred_g: torch.Tensor, pred_c: torch.Tensor, s: torch.Tensor, state: GuiderState) -> torch.Tensor:
+        return apg(pred_g, pred_c, s, self.eta, self.norm_threshold, self.momentum, state)
 
 
-def guide_noise_pred(
-    model: DiffusionModel,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    y: torch.Tensor,
-    scale: float | torch.Tensor,
-    guider: Guider,
-    state: GuiderState | None = None,
-    batched: bool = True,
-    negative_labels: torch.Tensor | None = None,
-    interval: tuple[int, int] | None = None,
-) -> GuidedEps:
-    """`guided_noise_pred` with another rule: x (B, C, H, W), t (B,), y (B,), s a float or (B,) -> GuidedEps.
+@dataclass(frozen=True, eq=False)
+class CFGZeroStar(Guider):
+    """CFG-Zero* (`cfg-zero-star`): the optimised scale a*, and a zero prediction at the first `zero_init_steps`
+    sampling steps (the network is not run there)."""
 
-    One call is one sampling step: with a `state`, it advances state.step (and APG's momentum). The
-    guiding pass is eps(x, t, null), eps(x, t, y_neg) with `negative_labels`, or the weaker model's
-    eps_w(x, t, y) for autoguidance; `interval` guides only at lo <= t <= hi (s = 1 elsewhere).
-    CFG-Zero*'s first `zero_init_steps` steps return eps = 0 without evaluating the network."""
-    if model.is_student:
-        raise UserError(
-            f"the {guider.method} guider combines eps_u and eps_c, which a guidance-distilled student does not "
-            "compute; sample its teacher, or distil the guider into a student (--distill-guider)"
-        )
-    if state is None and not guider.stateless:
-        raise UserError(f"{guider.method} with momentum or zero-init carries state across steps; pass a GuiderState")
-    step = state.step if state is not None else 0
-    if state is not None:
-        state.step += 1
-    if guider.method == "cfg-zero-star" and step < guider.zero_init_steps:
-        return GuidedEps(torch.zeros_like(x))
-    s = as_scale_tensor(scale, x.shape[0], x.device)  # (B,)
-    if interval is not None:
-        s = interval_scale(s, t, interval)
-    if guider.method == "autoguidance":
-        if negative_labels is not None:
-            raise UserError("autoguidance's guiding pass is the weaker model at the same label; it takes no negative")
-        guide_labels = y  # the weaker model sees the same class
-    else:
-        guide_labels = torch.full_like(y, model.null_class) if negative_labels is None else negative_labels.to(y.device)
-    need_cond = torch.ones_like(s, dtype=torch.bool)  # every rule here reads eps_c, even at s = 0
-    eps_c, eps_g = noise_preds(model, x, t, y, guide_labels, need_cond, guider.needs_guide_pass(s), batched,
-                               guider.guide_model)  # fmt: skip
-    return guider.combine(eps_g, eps_c, s, state)
+    name: ClassVar[str] = "cfg-zero-star"
+    optimized_scale: bool = True  # use a*; False leaves only the zero-init
+    zero_init_steps: int = 0  # K
+
+    def __post_init__(self):
+        if self.zero_init_steps < 0:
+            raise UserError(f"zero_init_steps must be >= 0, got {self.zero_init_steps}")
+
+    @property
+    def distillable(self) -> bool:
+        return self.zero_init_steps == 0
+
+    def passes(self, s: torch.Tensor, state: GuiderState) -> tuple[torch.Tensor, torch.Tensor]:
+        if state.step < self.zero_init_steps:
+            return torch.zeros_like(s, dtype=torch.bool), torch.zeros_like(s, dtype=torch.bool)
+        return super().passes(s, state)
+
+    def combine(self, pred_g: torch.Tensor, pred_c: torch.Tensor, s: torch.Tensor, state: GuiderState) -> torch.Tensor:
+        if state.step < self.zero_init_steps:
+            return torch.zeros_like(pred_c)
+        return cfg_zero_star(pred_g, pred_c, s) if self.optimized_scale else cfg_combine(pred_g, pred_c, s)
 
 
-def guider_from_spec(spec: str, guide_model: DiffusionModel | None = None) -> Guider:
-    """'apg:eta=0,norm_threshold=4,momentum=-0.5' -> Guider('apg', eta=0.0, ...); 'tcfg' -> Guider('tcfg').
+@dataclass(frozen=True, eq=False)
+class TangentialCFG(Guider):
+    """Tangential CFG (`tcfg`): CFG with pred_u projected on the first right-singular vector of [pred_c; pred_u]."""
 
-    The settings a method reads are in METHOD_SETTINGS; anything else is a UserError naming them."""
-    method, _, settings = spec.strip().partition(":")
-    if method not in GUIDERS:
-        raise UserError(f"unknown guider {method!r}; choose one of {', '.join(GUIDERS)}")
-    types = {f.name: f.type for f in fields(Guider)}
-    kwargs: dict = {}
-    for item in filter(None, (part.strip() for part in settings.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in METHOD_SETTINGS[method]:
-            allowed = ", ".join(METHOD_SETTINGS[method]) or "none"
-            raise UserError(f"guider {method!r} takes the settings name=value with name one of: {allowed}; "
-                            f"got {item!r}")  # fmt: skip
-        kwargs[key] = _parse_setting(key, value.strip(), types[key])
-    return Guider(method, guide_model=guide_model, **kwargs)
+    name: ClassVar[str] = "tcfg"
+
+    def combine(self, pred_g: torch.Tensor, pred_c: torch.Tensor, s: torch.Tensor, state: GuiderState) -> torch.Tensor:
+        return tangential_cfg(pred_g, pred_c, s)
 
 
-def _parse_setting(key: str, value: str, kind: str) -> float | int | bool:
-    """One 'name=value' of a guider spec, as the field's type (given as text: 'float', 'int', 'bool')."""
-    try:
-        if kind == "bool":
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return value.lower() in ("true", "1")
-        return int(value) if kind == "int" else float(value)
-    except ValueError:
-        raise UserError(f"guider setting {key} must be a {kind}, got {value!r}") from None
+@dataclass(frozen=True, eq=False)
+class Autoguidance(Guider):
+    """Autoguidance (`autoguidance`; Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"):
+        eps = eps_w + s (eps_c - eps_w),   eps_w = guide_model(x, t, y),
+    a weaker model (fewer train steps or parameters) at the same label in place of the unconditional pass."""
+
+    name: ClassVar[str] = "autoguidance"
+    needs_guide_model: ClassVar[bool] = True
+    guide_model: DiffusionModel | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.guide_model, DiffusionModel):
+            raise UserError("autoguidance needs a weaker guiding model (--guide-ckpt)")
+
+    def guide_labels(self, y: torch.Tensor, null_class: int) -> torch.Tensor:
+        return y  # the weaker model sees the same class
+
+    def guiding_model(self, model: DiffusionModel) -> DiffusionModel:
+        return self.guide_model
+
+    def combine(self, pred_g: torch.Tensor, pred_c: torch.Tensor, s: torch.Tensor, state: GuiderState) -> torch.Tensor:
+        return cfg_combine(pred_g, pred_c, s)

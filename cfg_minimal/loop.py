@@ -7,8 +7,9 @@ end and on Ctrl-C / SIGTERM, with the optimizer, EMA and RNG state, so a resumed
 exactly where the interrupted one stopped.
 
 One train step reads top to bottom in `fit`: batch, loss, backward, clip, optimizer step, EMA.
-The plumbing sits below it: `Run` (state, logging, checkpoints, resume), `Batches` (random batches,
-and each process's shard of them under torchrun) and `stop_requests` (signals). Under torchrun every
+The plumbing sits below it: `Run` (state, logging, checkpoints, restoring one) and `Batches` (random
+batches, and each process's shard of them under torchrun); resume.py holds what stopping and
+continuing a run needs (signals, RNG state, which settings a resumed run takes). Under torchrun every
 process runs `fit` (see distributed.py); a single process never touches a collective.
 """
 
@@ -16,10 +17,8 @@ from __future__ import annotations
 
 import copy
 import math
-import signal
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,9 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import ImageData
 from .errors import UserError
+from .resume import rng_state, set_rng_state, stop_requests
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x_0, y) -> scalar
 StageConfig = TypeVar("StageConfig")  # TeacherConfig, DistillConfig or StepDistillConfig
@@ -249,11 +249,10 @@ class Run:
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.train_step, self.losses = ckpt["train_step"], list(ckpt["losses"])
-        old = ckpt.get("loss_window", [])  # written before loss_window_sum: the window's losses, one per train step
-        self.window_sum = torch.tensor(float(ckpt.get("loss_window_sum", sum(old))))
-        self.window_len = int(ckpt.get("loss_window_len", len(old)))
+        self.window_sum = torch.tensor(float(ckpt["loss_window_sum"]))
+        self.window_len = int(ckpt["loss_window_len"])
         self.saved_step = self.train_step
-        written_by = ckpt.get("world_size", 1)
+        written_by = ckpt["world_size"]
         if written_by == self.world:  # exact: every process continues its own random streams
             set_rng_state(ckpt["rng"] if self.world == 1 else ckpt["rng_per_rank"][self.rank])
             if self.world > 1:
@@ -288,102 +287,3 @@ def check_optim(optim: OptimConfig) -> None:
     if bad:
         raise UserError(f"invalid training settings: {', '.join(bad)} (train steps, batch sizes and intervals are "
                         "positive integers, the learning rate a positive number, 0 <= ema_decay < 1)")  # fmt: skip
-
-
-IF_EXISTS = ("error", "resume", "overwrite")  # what a stage does with a checkpoint already at its path
-
-
-def existing_run(path: Path, kind: str, if_exists: str) -> dict[str, Any] | None:
-    """The checkpoint at `path` to continue (if_exists='resume'), or None to start afresh. A finished or
-    interrupted run is never replaced by accident: with 'error' (the default) an existing file is an error."""
-    if if_exists not in IF_EXISTS:
-        raise UserError(f"if_exists must be one of {IF_EXISTS}, got {if_exists!r}")
-    if path.is_dir():
-        raise UserError(f"{str(path)!r} is a folder, not a checkpoint file; remove it or choose another --out")
-    if not path.exists() or if_exists == "overwrite":
-        return None
-    if if_exists == "error":
-        raise UserError(f"{str(path)!r} already exists: pass --resume to continue that run, --overwrite to train "
-                        "it again from scratch, or choose another --out")  # fmt: skip
-    return load_checkpoint(path, kind=kind)
-
-
-# What a resumed run takes from the command that resumes it; every other setting must equal the stored one.
-# The learning rate may change so that a run whose loss turned NaN can go on from its last checkpoint;
-# channels_last and compile change speed, not the model.
-CHANGEABLE_ON_RESUME = ("data_dir", "optim.device", "optim.checkpoint_every", "optim.max_train_steps", "optim.lr",
-                        "optim.channels_last", "optim.compile")  # fmt: skip
-
-
-def resume_config(
-    cls: type[StageConfig],
-    ckpt: dict[str, Any],
-    key: str,
-    requested: StageConfig,
-    also_changeable: tuple[str, ...] = (),
-) -> StageConfig:
-    """The config a resumed run continues with: the one stored in ckpt[key], with CHANGEABLE_ON_RESUME
-    from `requested` (max_train_steps where given: more train steps extend the run, the cosine decay
-    stretched to the new end). Any other difference is a UserError: a run never silently continues
-    with settings other than the ones the command asks for."""
-    stored = cls(**{**ckpt[key], "optim": OptimConfig(**ckpt[key]["optim"])})
-    before, now = _flat(asdict(stored)), _flat(asdict(requested))
-    if now["optim.max_train_steps"] is None:
-        now["optim.max_train_steps"] = before["optim.max_train_steps"]
-    differ = [k for k in before if k not in CHANGEABLE_ON_RESUME + also_changeable and now[k] != before[k]]
-    if differ:
-        raise UserError(
-            f"--resume: this run was trained with {', '.join(f'{k}={before[k]}' for k in differ)}, but this command "
-            f"asks for {', '.join(f'{k}={now[k]}' for k in differ)}. Pass the same settings (only train steps, "
-            "the learning rate, paths, the device and the checkpoint interval may change), or choose another --out"
-        )
-    if now["optim.max_train_steps"] < ckpt["train_step"]:
-        raise UserError(
-            f"--resume: this run is already at train step {ckpt['train_step']}, past the "
-            f"{now['optim.max_train_steps']} train steps asked for; ask for at least that many"
-        )
-    changed = ("device", "checkpoint_every", "max_train_steps", "lr", "channels_last", "compile")
-    optim = replace(stored.optim, **{k: now[f"optim.{k}"] for k in changed})
-    if distributed.is_main():
-        print(f"resuming at train step {ckpt['train_step']} of {optim.max_train_steps} with the stored settings; "
-              "data_dir, device, checkpoint_every, lr and the speed switches as this command gives them")  # fmt: skip
-    return replace(stored, data_dir=requested.data_dir, optim=optim)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 1}} -> {'optim.lr': 1}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-@contextmanager
-def stop_requests() -> Iterator[Callable[[], bool]]:
-    """While training, Ctrl-C and SIGTERM only raise a flag; the loop checks it between train steps, so a
-    checkpoint never holds half a step (a half-applied optimizer update, a consumed RNG draw)."""
-    requested: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    try:
-        previous = [signal.signal(sig, lambda signum, frame: requested.append(signum)) for sig in signals]
-    except ValueError:  # not the main thread: leave signals alone
-        yield lambda: False
-        return
-    try:
-        yield lambda: bool(requested)
-    finally:
-        for sig, handler in zip(signals, previous):
-            signal.signal(sig, handler)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

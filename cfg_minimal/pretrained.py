@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError, report
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
-TRAINING_STATE = ("model", "ema", "optimizer", "rng", "rng_per_rank", "sampler_rng", "losses", "loss_window",
-                  "loss_window_sum", "loss_window_len")  # fmt: skip
+TRAINING_STATE = ("model", "ema", "optimizer", "rng", "rng_per_rank", "sampler_rng", "losses", "loss_window_sum",
+                  "loss_window_len")  # fmt: skip
 
 
 def save_pretrained(ckpt: dict[str, Any], folder: str | Path, command: str | None = None) -> Path:

@@ -1,35 +1,42 @@
-"""Per-dataset defaults: the architecture and how many train steps each stage takes.
+"""Per-dataset defaults, read from the dataset registry: the architecture and how many train steps each stage takes.
 
 Everything else a user changes lives in the stage configs (`TeacherConfig`, `DistillConfig`,
-`StepDistillConfig`) and their shared `OptimConfig`; these are the values that differ per dataset.
-The digits teacher trains in about 2 CPU minutes (the whole run in about 5); MNIST is sized for one
-GPU; CIFAR-10 (3x32x32) gets a wider UNet (`unet-cifar`, 5.1M parameters) and ~100 epochs of
-teacher training at batch 128.
+`StepDistillConfig`) and their shared `OptimConfig`; these are the values that differ per dataset. They
+live in each data set's one entry in data.py (with why they are what they are); this module only looks
+them up, so a data set registered with `data.register_dataset` gets its defaults with no other table.
 """
 
 from __future__ import annotations
 
-RECIPES: dict[str, dict[str, str | int]] = {
-    "digits": dict(arch="unet", teacher_train_steps=700, distill_train_steps=1300),
-    "mnist": dict(arch="unet", teacher_train_steps=10000, distill_train_steps=5000),
-    "fashion-mnist": dict(arch="unet", teacher_train_steps=10000, distill_train_steps=5000),
-    "cifar10": dict(arch="unet-cifar", teacher_train_steps=40000, distill_train_steps=20000),
-}
+from collections.abc import Iterator, Mapping
 
-# Where an architecture needs other defaults on a dataset. On digits the DiT trains at ~0.7x the UNet's
-# CPU speed but its student converges in fewer train steps (measured), so 700 keeps it in the same 6 minutes.
-ARCH_RECIPES: dict[tuple[str, str], dict[str, int]] = {("digits", "dit"): dict(distill_train_steps=700)}
-
-
-# One GPU (`python -m benchmarks.end_to_end` on CUDA): a small network is bound by kernel launches, not
-# FLOPs, so big batches pay. Measured on an H100 (docs/results.md): 25k training images/s at batch 1024
-# against 7-8k at 256; the whole MNIST pipeline trains in about 2 minutes.
-GPU_RECIPES: dict[str, dict[str, int]] = {
-    "mnist": dict(teacher_train_steps=1500, distill_train_steps=600, round_train_steps=100, batch_size=1024),
-}
+from .data import DATASETS, dataset_info
 
 
 def recipe(dataset: str, arch: str | None = None) -> dict[str, str | int]:
-    """The defaults for `dataset` trained with `arch` (None: the dataset's default architecture)."""
-    defaults = RECIPES[dataset]
-    return {**defaults, **ARCH_RECIPES.get((dataset, arch or str(defaults["arch"])), {})}
+    """The defaults for `dataset` trained with `arch` (None: the dataset's default architecture):
+    {"arch": the dataset's default architecture, "teacher_train_steps": n, "distill_train_steps": n}."""
+    entry = dataset_info(dataset)
+    defaults = dict(arch=entry.arch, teacher_train_steps=entry.teacher_train_steps,
+                    distill_train_steps=entry.distill_train_steps)  # fmt: skip
+    return {**defaults, **entry.arch_overrides.get(arch or entry.arch, {})}
+
+
+class _GpuRecipes(Mapping[str, dict[str, int]]):
+    """Dataset name -> its GPU recipe (`Dataset.gpu_recipe`), for the registered data sets that have one."""
+
+    def __getitem__(self, name: str) -> dict[str, int]:
+        entry = DATASETS.get(name)
+        if entry is None or entry.gpu_recipe is None:
+            raise KeyError(name)
+        return dict(entry.gpu_recipe)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, entry in DATASETS.items() if entry.gpu_recipe is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+# One GPU (`python -m benchmarks.end_to_end` on CUDA): train steps and batch sizes, read-only and always current.
+GPU_RECIPES: Mapping[str, dict[str, int]] = _GpuRecipes()

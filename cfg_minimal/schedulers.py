@@ -3,8 +3,11 @@
 Forward process (Ho et al. 2020, eq. 4):  x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,
 with abar_t = prod_{i<=t} (1 - beta_i) and integer t in [0, T).
 
-`set_timesteps(n)` picks the n timesteps to visit; `step(eps, t, x_t)` returns x_{t_prev} and the
-predicted x_0. Parity with `diffusers.DDPMScheduler` / `DDIMScheduler` is tested in
+`set_timesteps(n)` picks the n timesteps to visit; `step(model_output, t, x_t)` returns x_{t_prev} and
+the predicted x_0. `prediction_type` says what model_output is, as in diffusers: 'epsilon' (eps, the
+default) or 'v_prediction' (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, Salimans & Ho 2022); the
+samplers turn it into x_0 and eps with predictions.py and are otherwise the same. Parity with
+`diffusers.DDPMScheduler` / `DDIMScheduler` / `DPMSolverMultistepScheduler` is tested in
 tests/test_schedulers.py. Timesteps are python ints or 0-d tensors shared by the whole batch.
 """
 
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from . import predictions
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "aligned")
@@ -64,6 +69,7 @@ class _Scheduler:
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
         aligned_base: int = 64,
+        prediction_type: str = "epsilon",
     ):
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of {TIMESTEP_SPACINGS}")
@@ -73,6 +79,7 @@ class _Scheduler:
         self.timestep_spacing = timestep_spacing
         self.steps_offset = steps_offset
         self.aligned_base = aligned_base
+        self.prediction_type = predictions.check_prediction_type(prediction_type)  # what model_output is
         self.betas = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end)  # (T,)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # abar_t, (T,)
         self._on_device: dict[torch.device, torch.Tensor] = {}  # alphas_cumprod_on's copies
@@ -106,9 +113,13 @@ class _Scheduler:
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4); timesteps (B,)."""
-        abar = self.alphas_cumprod_on(original_samples.device)[timesteps].to(original_samples.dtype)  # (B,)
-        abar = abar.view(-1, *([1] * (original_samples.ndim - 1)))  # (B, 1, 1, 1)
+        abar = self.abar_like(timesteps, original_samples)  # (B, 1, 1, 1)
         return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
+
+    def abar_like(self, timesteps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """abar at timesteps (B,), shaped (B, 1, 1, 1) to broadcast against `sample`, on its device and in its dtype."""
+        abar = self.alphas_cumprod_on(sample.device)[timesteps].to(sample.dtype)  # (B,)
+        return abar.view(-1, *([1] * (sample.ndim - 1)))  # (B, 1, 1, 1)
 
     def alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
         """abar (T,) on `device`, copied there once: a copy from the host at every train step would make
@@ -127,9 +138,9 @@ class _Scheduler:
         return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
 
     def _predict_x0(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
-        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped if `clip_sample` (eq. 15 of Ho et al.)."""
-        abar_t = self._abar(t)
-        x0 = (sample - (1 - abar_t).sqrt() * model_output) / abar_t.sqrt()
+        """x_0 from model_output (predictions.to_x0: for eps, (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), eq. 15
+        of Ho et al.; for v, sqrt(abar_t) x_t - sqrt(1 - abar_t) v), clipped if `clip_sample`."""
+        x0 = predictions.to_x0(model_output, sample, self._abar(t), self.prediction_type)
         if self.clip_sample:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         return x0
@@ -149,6 +160,7 @@ class DDPMScheduler(_Scheduler):
     and b_t = 1 - a_t:
         mean     = sqrt(abar_t') b_t / (1 - abar_t) * x_0 + sqrt(a_t) (1 - abar_t') / (1 - abar_t) * x_t
         variance = (1 - abar_t') / (1 - abar_t) * b_t          ("fixed_small"; no noise at t = 0)
+    x_0 comes from model_output as `prediction_type` says (predictions.to_x0), clipped if `clip_sample`.
     """
 
     def previous_timestep(self, timestep: int) -> int:
@@ -189,7 +201,9 @@ class DDIMScheduler(_Scheduler):
         sigma_t = eta * sqrt((1 - abar_t') / (1 - abar_t)) * sqrt(1 - abar_t / abar_t')   (eq. 16)
 
     eta = 0 is the deterministic sampler; eta = 1 is DDPM's variance. After the last step abar_t' is
-    1 (`set_alpha_to_one`) or abar_0.
+    1 (`set_alpha_to_one`) or abar_0. x_0 and eps come from model_output as `prediction_type` says
+    (predictions.py; for v, x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v, eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t).
+    With `use_clipped_model_output` eps is instead re-derived from the clipped x_0, as diffusers does.
     """
 
     def __init__(self, *args, set_alpha_to_one: bool = True, **kwargs):
@@ -211,20 +225,29 @@ class DDIMScheduler(_Scheduler):
         eta: float = 0.0,
         use_clipped_model_output: bool = False,
         generator: torch.Generator | None = None,
-        renoise_eps: torch.Tensor | None = None,
     ) -> SchedulerOutput:
-        """One step of the equation above. `renoise_eps`, if given, is the eps of the direction term in
-        place of model_output (CFG++, Chung et al. 2025: x_0 from the guided eps, re-noised with eps_u)."""
+        """One step of the equation above, with x_0 and eps from model_output."""
         t = int(timestep)
+        x0 = self._predict_x0(model_output, t, sample)  # (B, C, H, W)
+        if use_clipped_model_output:
+            eps = predictions.eps_from_x0(x0, sample, self._abar(t))  # (B, C, H, W)
+        else:
+            eps = predictions.to_eps(model_output, sample, self._abar(t), self.prediction_type)
+        return self._update(x0, eps, t, sample, eta, generator)
+
+    def _update(
+        self,
+        x0: torch.Tensor,
+        eps: torch.Tensor,
+        t: int,
+        sample: torch.Tensor,
+        eta: float,
+        generator: torch.Generator | None,
+    ) -> SchedulerOutput:
+        """The update of the equation above from x_0 and eps (B, C, H, W): what every variant of the step shares."""
         prev_t = self.previous_timestep(t)
         abar_t = self._abar(t)
         abar_prev = self._abar(prev_t) if prev_t >= 0 else self.final_alpha_cumprod
-        x0 = self._predict_x0(model_output, t, sample)  # (B, C, H, W)
-        eps = model_output
-        if use_clipped_model_output:
-            eps = (sample - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
-        if renoise_eps is not None:
-            eps = renoise_eps
         sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
         prev_sample = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps
         if eta > 0:
@@ -243,8 +266,10 @@ class DPMSolverMultistepScheduler(_Scheduler):
         1. x0_i    = (x_i - sigma_i eps_i) / alpha_i       the data prediction (clipped if clip_sample)
         2. D_i     = x0_i + (x0_i - x0_{i-1}) / (2 r_i),   r_i = h_{i-1} / h_i   (D_i = x0_i: first order)
         3. x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (exp(-h_i) - 1) D_i
-    The first step has no x0_{i-1} and is first order (that is DDIM); so is the last, which ends at
-    sigma = 0 and returns x0 (diffusers' final_sigmas_type 'zero'). `set_timesteps` forgets the previous x0.
+    Step 1 is for eps; any other output o becomes x0_i as `prediction_type` says (predictions.py; for v,
+    x0_i = alpha_i x_i - sigma_i o). The first step has no x0_{i-1} and is first order (that is DDIM); so
+    is the last, which ends at sigma = 0 and returns x0 (diffusers' final_sigmas_type 'zero').
+    `set_timesteps` forgets the previous x0.
 
     With CFG at s > 1 a guided eps can imply an x0 far outside [-1, 1], most of all at the noisiest
     timesteps of the cosine schedule (alpha_999 = 0.00005 there): unclipped, that x0 is carried into
@@ -301,7 +326,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         i = int((self.timesteps == int(timestep)).nonzero()[0, 0])
         alpha_s, sigma_s, lambda_s = self._coefficients(self.sigmas[i])
         alpha_t, sigma_t, lambda_t = self._coefficients(self.sigmas[i + 1])
-        x0 = (sample - sigma_s * model_output) / alpha_s  # 1. (B, C, H, W)
+        x0 = predictions.x0_from_output(model_output, sample, alpha_s, sigma_s, self.prediction_type)  # 1. (B, C, H, W)
         if self.clip_sample:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         h = lambda_t - lambda_s
@@ -322,4 +347,42 @@ class DPMSolverMultistepScheduler(_Scheduler):
         return alpha, sigma * alpha, torch.log(alpha) - torch.log(sigma * alpha)
 
 
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+class DDIMCFGPPScheduler(DDIMScheduler):
+    """DDIM for CFG++ (Chung et al. 2025, "CFG++: Manifold-constrained Classifier Free Guidance for Diffusion
+    Models", ICLR): x_0 comes from the guided output, as in DDIM, but the step re-noises it with the
+    unconditional eps_u instead of the guided eps:
+
+        x_0  = x_0 of the guided model_output (clipped if clip_sample)
+        x_t' = sqrt(abar_t') x_0 + sqrt(1 - abar_t' - sigma_t^2) eps_u + sigma_t z
+
+    so that x_t' stays on the unconditional noisy-data manifold; its guidance scale lambda is meant for
+    [0, 1]. The sampling loop passes the unconditional output where `needs_unconditional_output` is set;
+    both outputs are of the scheduler's `prediction_type`.
+    """
+
+    needs_unconditional_output = True
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        unconditional_output: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> SchedulerOutput:
+        """One CFG++ step. `use_clipped_model_output` is accepted for the sampling loop's sake; it changes
+        nothing, as the direction term's eps is eps_u whatever x_0 is."""
+        t = int(timestep)
+        x0 = self._predict_x0(model_output, t, sample)  # (B, C, H, W)
+        eps_u = predictions.to_eps(unconditional_output, sample, self._abar(t), self.prediction_type)
+        return self._update(x0, eps_u, t, sample, eta, generator)
+
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddim-cfg++": DDIMCFGPPScheduler,
+    "ddpm": DDPMScheduler,
+    "dpmsolver++": DPMSolverMultistepScheduler,
+}

@@ -8,7 +8,8 @@ learns to cover in one step what the previous model covers in two, at random gui
 
 A DDIM step (eta = 0) is affine in the x_0 it predicts, so exactly one x_0 lands on the previous
 model's z_t'': Salimans & Ho's target x~ (their Algorithm 2, `ddim_x0_target`). The student keeps
-predicting eps; its implied x_0 is regressed on x~ (`step_distillation_loss`). Both grids use the
+predicting what its teacher predicts (the scheduler_config's `prediction_type`, eps or v; predictions.py);
+its implied x_0 is regressed on x~ (`step_distillation_loss`). Both grids use the
 'aligned' spacing (schedulers.py), so the n/2-step grid is every other point of the n-step grid.
 The checkpoint records its sampling steps and spacing: `load_pipeline` samples with the steps it was trained for.
 A round is one call of loop.fit, starting from the previous model's EMA weights.
@@ -28,8 +29,10 @@ from .data import ImageData, load_dataset
 from .distill import DistillConfig, sample_scales
 from .errors import UserError
 from .guidance import guided_noise_pred
-from .loop import LossFn, OptimConfig, existing_run, fit, resume_config
+from .loop import LossFn, OptimConfig, fit
 from .models import DiffusionModel
+from .predictions import eps_from_x0, to_eps, to_x0
+from .resume import existing_run, resume_config
 from .schedulers import DDIMScheduler
 
 
@@ -75,15 +78,23 @@ def ddim_x0_target(
 
 
 def ddim_step(
-    eps: torch.Tensor, z: torch.Tensor, abar: torch.Tensor, abar_next: torch.Tensor, clip: float | None
+    output: torch.Tensor,
+    z: torch.Tensor,
+    abar: torch.Tensor,
+    abar_next: torch.Tensor,
+    clip: float | None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """DDIMScheduler.step (eta = 0, use_clipped_model_output) with per-sample abar, abar_next (B, 1, 1, 1):
-    x_0 = clip((z - sqrt(1 - abar) eps) / sqrt(abar)), eps re-derived from the clipped x_0, then
-    z' = sqrt(abar') x_0 + sqrt(1 - abar') eps (Song et al. 2021, eq. 12 with sigma = 0)."""
-    x0 = (z - (1 - abar).sqrt() * eps) / abar.sqrt()  # (B, C, H, W)
+    x_0 = clip(x_0 of the network's output), for eps clip((z - sqrt(1 - abar) eps) / sqrt(abar)); eps from the
+    output, or re-derived from x_0 where clipped; then z' = sqrt(abar') x_0 + sqrt(1 - abar') eps (Song et al.
+    2021, eq. 12 with sigma = 0)."""
+    x0 = to_x0(output, z, abar, prediction_type)  # (B, C, H, W)
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
-        eps = (z - abar.sqrt() * x0) / (1 - abar).sqrt()
+        eps = eps_from_x0(x0, z, abar)  # (B, C, H, W)
+    else:
+        eps = to_eps(output, z, abar, prediction_type)
     return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
 
 
@@ -96,15 +107,17 @@ def two_step_target(
     timesteps: torch.Tensor,
     abar: torch.Tensor,
     clip: float | None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """x~ for z_t (B, C, H, W): two DDIM steps of the previous model, then inverted (ddim_x0_target).
 
     timesteps, abar: (B, 3) per sample, the previous sampler's points t -> t' -> t'' and their abar (the
-    last step ends at abar = the sampler's final one). All samples step at once, each at its own t."""
+    last step ends at abar = the sampler's final one). All samples step at once, each at its own t.
+    `prediction_type` is what the previous model outputs."""
     z = z_t
     for j in (0, 1):
-        eps = guided_noise_pred(previous, z, timesteps[:, j], y, s)  # (B, C, H, W)
-        z = ddim_step(eps, z, abar[:, j, None, None, None], abar[:, j + 1, None, None, None], clip)
+        out = guided_noise_pred(previous, z, timesteps[:, j], y, s)  # (B, C, H, W) eps or v, guided
+        z = ddim_step(out, z, abar[:, j, None, None, None], abar[:, j + 1, None, None, None], clip, prediction_type)
     return ddim_x0_target(z_t, abar[:, 0, None, None, None], z, abar[:, 2, None, None, None])
 
 
@@ -112,6 +125,8 @@ def step_distillation_loss(
     previous: DiffusionModel, scheduler_config: dict, n_previous: int, scales: DistillConfig
 ) -> LossFn:
     """max(SNR_t, 1) || clip(x_0 of the student) - x~ ||^2, at a random point t of the halved grid per sample.
+
+    The student's and the previous model's outputs are of the scheduler_config's `prediction_type`.
 
     The weight is Salimans & Ho's "truncated SNR" (an eps-MSE where SNR > 1, an x_0-MSE where noise
     dominates). The clip is the sampler's; its gradient passes straight through, so an x_0 clipped onto
@@ -134,8 +149,8 @@ def step_distillation_loss(
         t, abar = steps_t[k, 0], steps_abar[k, 0].view(-1, 1, 1, 1)  # (B,), (B, 1, 1, 1)
         z_t = fine.add_noise(x0, torch.randn_like(x0), t)  # (B, C, H, W)
         s = sample_scales(x0.shape[0], scales, x0.device)  # (B,)
-        x_target = two_step_target(previous, z_t, y, s, steps_t[k], steps_abar[k], clip)  # (B, C, H, W)
-        x0_pred = (z_t - (1 - abar).sqrt() * student(z_t, t, y, guidance=s).float()) / abar.sqrt()
+        x_target = two_step_target(previous, z_t, y, s, steps_t[k], steps_abar[k], clip, fine.prediction_type)
+        x0_pred = to_x0(student(z_t, t, y, guidance=s).float(), z_t, abar, fine.prediction_type)  # (B, C, H, W)
         if clip is not None:
             x0_pred = x0_pred + (x0_pred.clamp(-clip, clip) - x0_pred).detach()  # clipped forward, identity backward
         weight = (abar / (1 - abar)).clamp(min=1.0).flatten()  # (B,) truncated SNR

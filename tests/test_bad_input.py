@@ -35,6 +35,7 @@ from cfg_minimal import evaluate as evaluate_cli
 from cfg_minimal.checkpoint import output_lock
 from cfg_minimal.data import load_dataset
 from cfg_minimal.errors import user_message
+from cfg_minimal.guidance import CFG
 from cfg_minimal.loop import fit
 from cfg_minimal.models import build_model
 
@@ -272,9 +273,9 @@ def test_data_with_labels_out_of_range_is_refused(tmp_path, capsys):
 def test_the_pipeline_takes_arrays_and_numpy_scalars_and_refuses_what_it_cannot_use(run):
     pipe = load_pipeline(run / "teacher.pt")
     x_T = pipe.initial_noise(2, 0)
-    plain = pipe([1, 2], 3.0, num_steps=2, x_T=x_T, guidance_interval=(100, 900))
+    plain = pipe([1, 2], 3.0, num_steps=2, x_T=x_T, guider=CFG(interval=(100, 900)))
     assert torch.equal(pipe(np.array([1, 2]), np.float32(3.0), num_steps=2, x_T=x_T.double().numpy(),
-                            guidance_interval=(np.int64(100), np.int64(900))), plain)  # fmt: skip
+                            guider=CFG(interval=(np.int64(100), np.int64(900)))), plain)  # fmt: skip
     with pytest.raises(UserError, match="labels must be integer class ids"):
         pipe(["one", "two"], 3.0, num_steps=2)
     with pytest.raises(UserError, match="unknown or unsupported device"):
@@ -286,11 +287,11 @@ def test_the_pipeline_takes_arrays_and_numpy_scalars_and_refuses_what_it_cannot_
 def test_many_labels_are_sampled_in_chunks_with_the_same_result():
     pipe = make_pipeline()
     labels, x_T = torch.arange(10) % 10, torch.randn(10, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    whole = pipe(labels, torch.linspace(0, 4, 10), num_steps=3, x_T=x_T, negative_labels=10)
+    whole = pipe(labels, torch.linspace(0, 4, 10), num_steps=3, x_T=x_T, guider=CFG(negative_labels=10))
     rows = []
     pipe.model.register_forward_hook(lambda module, args, output: rows.append(len(args[0])))
     pipe.max_batch_size = 4
-    chunked = pipe(labels, torch.linspace(0, 4, 10), num_steps=3, x_T=x_T, negative_labels=10)
+    chunked = pipe(labels, torch.linspace(0, 4, 10), num_steps=3, x_T=x_T, guider=CFG(negative_labels=10))
     assert max(rows) <= 2 * 4  # a forward never sees more than one chunk (both CFG passes batched)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from test_sampling import LABELS, make_pipeline
 
+from cfg_minimal import UserError
+from cfg_minimal.checks import check_scale
 from cfg_minimal.guidance import cfg_combine, guided_noise_pred, s_to_w, w_to_s
 
 
@@ -77,7 +80,7 @@ class CountingModel(torch.nn.Module):
 )  # fmt: skip
 def test_no_wasted_pass_at_s0_or_s1(scale, batched, calls, images):
     """A number 0 or 1 skips a pass; a per-sample tensor runs both for every row (a batch of fixed shape,
-    which a GPU needs to run ahead of the host) and selects rows exactly (test_per_sample_* below)."""
+    which a GPU needs to run ahead of the host) and selects rows exactly (the test below)."""
     model = CountingModel(tiny_model())
     x, t, y = inputs(model.model, batch=4)
     with torch.no_grad():
@@ -85,9 +88,28 @@ def test_no_wasted_pass_at_s0_or_s1(scale, batched, calls, images):
     assert (model.calls, model.images) == (calls, images)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), torch.tensor([1.0, float("nan"), 1.0, 1.0]), "3"])
-def test_non_finite_or_non_numeric_scale_is_refused(bad):
-    model = tiny_model()
+def test_per_sample_rows_at_s0_and_s1_are_exactly_one_pass(arch):
+    """With a (B,) scale both passes run over every row; a row at s = 0 (1) is that pass's row, bit for bit."""
+    model = tiny_model(arch)
     x, t, y = inputs(model, batch=4)
-    with pytest.raises(ValueError, match="guidance_scale"):
-        guided_noise_pred(model, x, t, y, bad)
+    scale = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    null = torch.full_like(y, model.null_class)
+    with torch.no_grad():
+        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)  # one 2B forward
+        batched = guided_noise_pred(model, x, t, y, scale, batched=True)
+        two_pass = guided_noise_pred(model, x, t, y, scale, batched=False)
+        eps_c_alone, eps_u_alone = model(x, t, y), model(x, t, null)  # two B forwards
+    for got, cond, uncond in [(batched, eps_c, eps_u), (two_pass, eps_c_alone, eps_u_alone)]:
+        assert torch.equal(got[[0, 3]], uncond[[0, 3]]) and torch.equal(got[1], cond[1])
+
+
+BAD_SCALES = [float("nan"), float("inf"), torch.tensor([1.0, float("nan"), 1.0, 1.0]), "3"]
+
+
+@pytest.mark.parametrize("bad", BAD_SCALES)
+def test_non_finite_or_non_numeric_scale_is_refused(bad):
+    """Scales are checked where they enter (checks.check_scale, which the Pipeline calls), not per step."""
+    with pytest.raises(UserError, match="guidance_scale"):
+        check_scale(bad, 4)
+    with pytest.raises(UserError, match="guidance_scale"):
+        make_pipeline()(LABELS, bad, num_steps=2)

@@ -12,7 +12,7 @@ from test_sampling import LABELS, make_pipeline
 
 from cfg_minimal import UserError
 from cfg_minimal.distill import make_student
-from cfg_minimal.guidance import cfg_combine, guided_noise_pred, interval_scale, rescale_guidance
+from cfg_minimal.guidance import CFG, cfg_combine, guided_noise_pred, interval_scale, rescale_guidance
 
 
 def lin_et_al_rescale(x_cfg: np.ndarray, x_pos: np.ndarray, phi: float) -> np.ndarray:
@@ -42,7 +42,7 @@ def test_rescaled_teacher_prediction_is_rescale_of_the_cfg_formula(arch):
     scale = torch.tensor([0.0, 1.0, 2.0, 3.0, 5.0, 7.5])  # s = 0 still needs eps_c once rescale is on
     with torch.no_grad():
         eps_u, eps_c = model(x, t, torch.full_like(y, model.null_class)), model(x, t, y)
-        got = guided_noise_pred(model, x, t, y, scale, rescale=0.7)
+        got = guided_noise_pred(model, x, t, y, scale, CFG(rescale=0.7))
     plain = cfg_combine(eps_u, eps_c, scale)
     torch.testing.assert_close(got, rescale_guidance(plain, eps_c, 0.7))
     assert not torch.allclose(got[2:], plain[2:], atol=1e-4)  # it does change the guided rows
@@ -55,8 +55,8 @@ def test_negative_class_replaces_the_unconditional_prediction(arch):
     null = torch.full_like(y, model.null_class)
     with torch.no_grad():
         expected = cfg_combine(model(x, t, negative), model(x, t, y), 3.0)  # eps_neg + s (eps_c - eps_neg)
-        torch.testing.assert_close(guided_noise_pred(model, x, t, y, 3.0, negative_labels=negative), expected)
-        torch.testing.assert_close(guided_noise_pred(model, x, t, y, 3.0, negative_labels=null),
+        torch.testing.assert_close(guided_noise_pred(model, x, t, y, 3.0, CFG(negative_labels=negative)), expected)
+        torch.testing.assert_close(guided_noise_pred(model, x, t, y, 3.0, CFG(negative_labels=null)),
                                    guided_noise_pred(model, x, t, y, 3.0), rtol=0, atol=0)  # fmt: skip
         assert not torch.allclose(expected, guided_noise_pred(model, x, t, y, 3.0), atol=1e-4)
 
@@ -72,7 +72,7 @@ def test_outside_the_interval_a_step_costs_one_pass(t, images):
     model = CountingModel(tiny_model())
     x, _, y = inputs(model.model, batch=4)
     with torch.no_grad():
-        guided_noise_pred(model, x, torch.full((4,), t), y, 3.0, interval=(500, 999))
+        guided_noise_pred(model, x, torch.full((4,), t), y, 3.0, CFG(interval=(500, 999)))
     assert model.images == images
 
 
@@ -86,11 +86,11 @@ def test_every_variant_acts_per_sample_as_alone(arch):
     negative = torch.tensor([model.null_class, 1, 2, model.null_class, 4, 5])
     variants = dict(negative_labels=negative, rescale=0.5, interval=(200, 950))
     with torch.no_grad():
-        together = guided_noise_pred(model, x, t, y, scale, **variants)
+        together = guided_noise_pred(model, x, t, y, scale, CFG(**variants))
         for i in range(len(x)):
             one = slice(i, i + 1)
-            mine = {**variants, "negative_labels": negative[one]}
-            alone = guided_noise_pred(model, x[one], t[one], y[one], scale[one], **mine)
+            mine = CFG(**{**variants, "negative_labels": negative[one]})
+            alone = guided_noise_pred(model, x[one], t[one], y[one], scale[one], mine)
             torch.testing.assert_close(together[one], alone, rtol=1e-5, atol=1e-6)
 
 
@@ -98,13 +98,13 @@ def test_every_variant_acts_per_sample_as_alone(arch):
 def test_interval_covering_every_step_is_plain_cfg_and_an_empty_one_is_conditional(arch, sampler):
     pipe = make_pipeline(arch, sampler)
 
-    def run(scale, **variants):
-        return pipe(LABELS, scale, num_steps=10, generator=torch.Generator().manual_seed(0), **variants)
+    def run(scale, guider=None):
+        return pipe(LABELS, scale, num_steps=10, generator=torch.Generator().manual_seed(0), guider=guider)
 
     plain = run(3.0)
-    assert torch.equal(run(3.0, guidance_interval=(0, 999)), plain)
+    assert torch.equal(run(3.0, CFG(interval=(0, 999))), plain)
     top, second = pipe.scheduler.timesteps[:2].tolist()  # DDIM: 900, 800; DPM-Solver++: 999, 899
-    never = run(3.0, guidance_interval=(second + 1, top - 1))  # between two grid points: no step inside
+    never = run(3.0, CFG(interval=(second + 1, top - 1)))  # between two grid points: no step inside
     assert torch.equal(never, run(1.0))
     assert not torch.allclose(never, plain, atol=1e-3)
 
@@ -114,26 +114,30 @@ def test_a_student_refuses_what_needs_a_second_pass_and_accepts_the_interval(arc
     student = make_pipeline(arch)
     student.model = make_student(teacher.model).eval()
     null = student.null_class
-    with pytest.raises(UserError, match="negative-class"):
-        student(LABELS, 3.0, num_steps=2, negative_labels=1)
-    with pytest.raises(UserError, match="rescale"):
-        student(LABELS, 3.0, num_steps=2, guidance_rescale=0.7)
+    with pytest.raises(UserError, match="student"):
+        student(LABELS, 3.0, num_steps=2, guider=CFG(negative_labels=1))
+    with pytest.raises(UserError, match="student.*rescale"):
+        student(LABELS, 3.0, num_steps=2, guider=CFG(rescale=0.7))
+    with pytest.raises(UserError, match="student"):  # even the null label: a student takes no negative labels
+        student(LABELS, 3.0, num_steps=2, guider=CFG(negative_labels=null))
     x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     plain = student(LABELS, 3.0, num_steps=4, x_T=x_T)
-    assert torch.equal(student(LABELS, 3.0, num_steps=4, x_T=x_T, negative_labels=null), plain)  # null: plain CFG
-    assert torch.equal(student(LABELS, 3.0, num_steps=4, x_T=x_T, guidance_interval=(950, 999)),
+    assert torch.equal(student(LABELS, 3.0, num_steps=4, x_T=x_T, guider=CFG()), plain)
+    assert torch.equal(student(LABELS, 3.0, num_steps=4, x_T=x_T, guider=CFG(interval=(950, 999))),
                        student(LABELS, 1.0, num_steps=4, x_T=x_T))  # fmt: skip
-    teacher(LABELS, 3.0, num_steps=2, negative_labels=1, guidance_rescale=0.7)  # the teacher can do both
+    teacher(LABELS, 3.0, num_steps=2, guider=CFG(negative_labels=1, rescale=0.7))  # the teacher can do both
+
+
+RESCALE, INTERVAL = "CFG's rescale must be a number in", "CFG's interval must be timesteps"
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
-    [(dict(negative_labels=11), "out of range"), (dict(negative_labels=[1, 2]), "one per label"),
-     (dict(guidance_rescale=float("nan")), "guidance_rescale"), (dict(guidance_rescale=1.5), "guidance_rescale"),
-     (dict(guidance_interval=(600, 200)), "guidance_interval"),
-     (dict(guidance_interval=(0.5, 900)), "guidance_interval"), (dict(guidance_interval=5), "guidance_interval"),
-     (dict(guidance_rescale=True), "guidance_rescale")],
+    "options, message",
+    [(dict(negative_labels=11), "label 11 is out of range"), (dict(negative_labels=[1, 2]), "one per label"),
+     (dict(rescale=float("nan")), RESCALE), (dict(rescale=1.5), RESCALE),
+     (dict(interval=(600, 200)), INTERVAL), (dict(interval=(0.5, 900)), INTERVAL), (dict(interval=5), INTERVAL),
+     (dict(rescale=True), RESCALE)],
 )  # fmt: skip
-def test_bad_variant_arguments_are_clear_errors(kwargs, message):
+def test_bad_variant_arguments_are_clear_errors(options, message):
     with pytest.raises(UserError, match=message):
-        make_pipeline()(LABELS, 3.0, num_steps=2, **kwargs)
+        make_pipeline()(LABELS, 3.0, num_steps=2, guider=CFG(**options))

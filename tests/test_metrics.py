@@ -12,7 +12,14 @@ import scipy.linalg
 import torch
 
 from cfg_minimal import classifier as classifier_module
-from cfg_minimal.classifier import Classifier, cache_path, load_or_train_classifier, random_translate, train_classifier
+from cfg_minimal.classifier import (
+    FEATURE_DIM,
+    Classifier,
+    cache_path,
+    load_or_train_classifier,
+    random_translate,
+    train_classifier,
+)
 from cfg_minimal.data import load_dataset
 from cfg_minimal.metrics import (
     accuracy,
@@ -24,7 +31,7 @@ from cfg_minimal.metrics import (
 )
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # shared/ sits beside the repo root
-DIGITS_TRAIN_STEPS = 200  # fewer than DEFAULT_TRAIN_STEPS["digits"] to keep the module fast; still ~99% test accuracy
+DIGITS_TRAIN_STEPS = 200  # fewer than the digits entry's classifier_train_steps, for speed; still ~99% test accuracy
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,8 +65,7 @@ def test_classifier_shapes(channels: int, size: int) -> None:
     model = Classifier(channels, size, num_classes=7).eval()
     x = torch.rand(5, channels, size, size) * 2 - 1
     assert model(x).shape == (5, 7)
-    assert model.features(x).shape == (5, model.feature_dim)
-    assert 64 <= model.feature_dim <= 128
+    assert model.features(x).shape == (5, FEATURE_DIM)
 
 
 def test_random_translate_moves_a_pixel_by_at_most_max_shift() -> None:

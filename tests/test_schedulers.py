@@ -1,4 +1,5 @@
-"""Parity with diffusers' DDPMScheduler and DDIMScheduler, and the forward process in closed form."""
+"""Parity with diffusers' DDPM, DDIM and DPM-Solver++ schedulers for eps and v prediction, the forward process in
+closed form, and the CFG++ variant of DDIM."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import math
 import pytest
 import torch
 
-from cfg_minimal.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, make_betas
+from cfg_minimal.schedulers import (
+    SCHEDULERS,
+    DDIMCFGPPScheduler,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    make_betas,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -125,6 +133,8 @@ def test_bad_arguments_are_refused():
         DDIMScheduler(timestep_spacing="middle")
     with pytest.raises(ValueError, match="num_inference_steps"):
         DDIMScheduler().set_timesteps(0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DDIMScheduler(prediction_type="sample")
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -161,3 +171,97 @@ def test_dpm_solver_first_step_is_ddim():
     torch.testing.assert_close(dpm.step(eps, t, x).prev_sample,
                                ddim.step(eps, t, x, use_clipped_model_output=True).prev_sample,
                                rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_v_prediction_matches_diffusers(schedule, clip, use_clipped, eta):
+    kw = dict(num_train_timesteps=1000, beta_schedule=schedule, clip_sample=clip, prediction_type="v_prediction")
+    ours, ref = DDIMScheduler(**kw), diffusers.DDIMScheduler(**kw)
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    x, v_list = trajectory_inputs(10, seed=4)
+    x_ours, x_ref = x.clone(), x.clone()
+    for t, v in zip(ours.timesteps, v_list):  # v stands in for a v-prediction network's output
+        step = dict(eta=eta, use_clipped_model_output=use_clipped)
+        out = ours.step(v, t, x_ours, **step, generator=torch.Generator().manual_seed(int(t)))
+        out_ref = ref.step(v, t, x_ref, **step, generator=torch.Generator().manual_seed(int(t)))
+        torch.testing.assert_close(out.pred_original_sample, out_ref.pred_original_sample, rtol=1e-5, atol=1e-5)
+        x_ours, x_ref = out.prev_sample, out_ref.prev_sample
+        torch.testing.assert_close(x_ours, x_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_ddpm_v_prediction_matches_diffusers(schedule):
+    kw = dict(num_train_timesteps=1000, beta_schedule=schedule, prediction_type="v_prediction")
+    ours, ref = DDPMScheduler(**kw), diffusers.DDPMScheduler(**kw)
+    ours.set_timesteps(25)
+    ref.set_timesteps(25)
+    x, v_list = trajectory_inputs(25, seed=5)
+    for t, v in zip(ours.timesteps, v_list):
+        a = ours.step(v, t, x, generator=torch.Generator().manual_seed(int(t)))
+        b = ref.step(v, t, x, generator=torch.Generator().manual_seed(int(t)))
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=1e-5, atol=1e-5)
+        x = a.prev_sample
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("num_steps", [4, 10])
+def test_dpm_solver_v_prediction_matches_diffusers(schedule, num_steps):
+    """v keeps x0 = alpha x - sigma v bounded, so no step blows up: the tolerance of the DDIM tests."""
+    kw = dict(num_train_timesteps=1000, beta_schedule=schedule, prediction_type="v_prediction")
+    ours, ref = DPMSolverMultistepScheduler(**kw, clip_sample=False), diffusers.DPMSolverMultistepScheduler(**kw)
+    ours.set_timesteps(num_steps)
+    ref.set_timesteps(num_steps)
+    x, v_list = trajectory_inputs(num_steps, seed=6)
+    x_ours, x_ref = x.clone(), x.clone()
+    for t, v in zip(ours.timesteps, v_list):
+        x_ours, x_ref = ours.step(v, t, x_ours).prev_sample, ref.step(v, t, x_ref).prev_sample
+        torch.testing.assert_close(x_ours, x_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_cfg_plus_plus_step_is_the_hand_written_one(prediction_type, clip, eta):
+    """x_0 from the guided output (clipped), re-noised with eps_u (Chung et al. 2025), written out in float64."""
+    kw = dict(beta_schedule="squaredcos_cap_v2", clip_sample=clip, prediction_type=prediction_type)
+    sched = SCHEDULERS["ddim-cfg++"](**kw)
+    assert isinstance(sched, DDIMCFGPPScheduler) and sched.needs_unconditional_output
+    assert not getattr(DDIMScheduler(**kw), "needs_unconditional_output", False)
+    sched.set_timesteps(5)
+    x, outputs = trajectory_inputs(10, seed=7)
+    for i, t in enumerate(sched.timesteps.tolist()):
+        guided, uncond = outputs[2 * i] * 2, outputs[2 * i + 1]  # (B, C, H, W) each
+        a, a_prev = sched.alphas_cumprod.double()[t], sched.alphas_cumprod.double()[t - 200] if t >= 200 else 1.0
+        xd, g, u = x.double(), guided.double(), uncond.double()
+        if prediction_type == "epsilon":
+            x0, eps_u = (xd - (1 - a) ** 0.5 * g) / a**0.5, u
+        else:
+            x0, eps_u = a**0.5 * xd - (1 - a) ** 0.5 * g, a**0.5 * u + (1 - a) ** 0.5 * xd
+        x0 = x0.clamp(-1, 1) if clip else x0
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(i)).double()
+        expected = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps_u + sigma * z
+        out = sched.step(guided, t, x, unconditional_output=uncond, eta=eta,
+                         generator=torch.Generator().manual_seed(i))  # fmt: skip
+        torch.testing.assert_close(out.pred_original_sample, x0.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.prev_sample, expected.float(), rtol=1e-5, atol=1e-5)
+        x = out.prev_sample
+
+
+def test_cfg_plus_plus_with_the_guided_output_as_unconditional_is_ddim():
+    """eps_u = the guided eps: CFG++'s step is DDIM's, bit for bit (without re-deriving eps from a clipped x_0)."""
+    for prediction_type in ("epsilon", "v_prediction"):
+        kw = dict(prediction_type=prediction_type)
+        ddim, cfg_pp = DDIMScheduler(**kw), DDIMCFGPPScheduler(**kw)
+        ddim.set_timesteps(10), cfg_pp.set_timesteps(10)
+        x, (out,) = trajectory_inputs(1, seed=8)
+        for t in ddim.timesteps.tolist():
+            a, b = ddim.step(out * 3, t, x), cfg_pp.step(out * 3, t, x, unconditional_output=out * 3)
+            assert torch.equal(a.prev_sample, b.prev_sample), (prediction_type, t)
+            assert torch.equal(a.pred_original_sample, b.pred_original_sample), (prediction_type, t)
+            x = a.prev_sample

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize, tiny_model
 
 from cfg_minimal import TeacherConfig, UserError, load_checkpoint, load_pipeline, train_teacher, with_optim
 from cfg_minimal.data import load_dataset
-from cfg_minimal.distill import DistillConfig, distill_student
+from cfg_minimal.distill import DistillConfig, distill_student, make_student, sample_scales
 from cfg_minimal.guidance import guided_noise_pred
 from cfg_minimal.schedulers import DDIMScheduler
 from cfg_minimal.step_distill import (
@@ -16,6 +17,7 @@ from cfg_minimal.step_distill import (
     ddim_x0_target,
     halve_sampling_steps,
     round_sizes,
+    step_distillation_loss,
     two_step_target,
 )
 
@@ -144,3 +146,64 @@ def test_unreachable_targets_are_clear_errors():
         round_sizes(48, 5)
     with pytest.raises(UserError, match="below the 8 sampling steps"):
         round_sizes(8, 8)
+
+
+def v_student_steps(model, z_t, y, s, t, fine, n=2):
+    """n steps of this project's DDIMScheduler (as the sampler takes them) of the guided `model` from z_t, t."""
+    z = z_t
+    with torch.no_grad():
+        for _ in range(n):
+            out = guided_noise_pred(model, z, torch.full((len(z),), t), y, s)  # (1, C, H, W), a v
+            z = fine.step(out, t, z, use_clipped_model_output=True).prev_sample
+            t = fine.previous_timestep(t)
+    return z
+
+
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_the_two_step_target_of_a_v_model_equals_two_v_ddim_steps(clip_sample):
+    previous = randomize(make_student(tiny_model()), std=0.05)  # a guided student whose output is a v
+    fine = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned", aligned_base=8,
+                         clip_sample=clip_sample, prediction_type="v_prediction")  # fmt: skip
+    fine.set_timesteps(8)
+    g = torch.Generator().manual_seed(1)
+    k = torch.tensor([0, 3, 1, 2])  # the halved sampler's step of each sample: points 2k -> 2k+1 -> 2k+2
+    z_t, y, s = torch.randn(4, 1, 16, 16, generator=g), torch.tensor([0, 3, 7, 9]), torch.tensor([0, 1, 3, 5.0])
+    points = torch.cat([fine.timesteps, torch.tensor([-1])])[2 * k[:, None] + torch.arange(3)]  # (4, 3)
+    abar = torch.cat([fine.alphas_cumprod, fine.final_alpha_cumprod.view(1)])[points]
+    clip = fine.clip_sample_range if clip_sample else None
+    batched = two_step_target(previous, z_t, y, s, points, abar, clip, "v_prediction")
+    as_eps = two_step_target(previous, z_t, y, s, points, abar, clip, "epsilon")
+    for i in range(4):
+        one = slice(i, i + 1)
+        z = v_student_steps(previous, z_t[one], y[one], s[one], int(points[i, 0]), fine)
+        expected = ddim_x0_target(z_t[one], abar[i, 0], z, abar[i, 2])
+        torch.testing.assert_close(batched[one], expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(as_eps[one], expected, rtol=1e-2, atol=1e-2)  # the type matters
+
+
+def test_the_step_distillation_loss_reads_the_students_v_as_v():
+    """The loss of a v-prediction round, written out with the scheduler: the student's output is a v, its x_0
+    the DDIM step's (clipped) x_0, regressed on the two-step target at max(SNR, 1)."""
+    config = dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="aligned", aligned_base=8,
+                  prediction_type="v_prediction")  # fmt: skip
+    previous = randomize(make_student(tiny_model()), std=0.05)
+    student = randomize(make_student(tiny_model()), std=0.05, seed=1)
+    loss_fn = step_distillation_loss(previous, config, 8, DistillConfig())
+    x0, y = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1, torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(0)
+    loss = loss_fn(student, x0, y)
+    fine = DDIMScheduler(**config)
+    fine.set_timesteps(8)
+    torch.manual_seed(0)  # the loss's draws, in its order: the step per sample, the noise, the scales
+    k, noise, s = torch.randint(0, 4, (4,)), torch.randn_like(x0), sample_scales(4, DistillConfig())
+    expected = []
+    for i in range(4):
+        one, t = slice(i, i + 1), int(fine.timesteps[2 * k[i]])
+        abar, abar_end = fine.alphas_cumprod[t], fine._abar(t - 250) if t >= 250 else fine.final_alpha_cumprod
+        z_t = fine.add_noise(x0[one], noise[one], torch.tensor([t]))
+        x_target = ddim_x0_target(z_t, abar, v_student_steps(previous, z_t, y[one], s[one], t, fine), abar_end)
+        with torch.no_grad():
+            out = student(z_t, torch.tensor([t]), y[one], guidance=s[one])
+        x0_pred = fine.step(out, t, z_t).pred_original_sample  # clipped, as the loss's forward value is
+        expected.append(max(float(abar / (1 - abar)), 1.0) * float((x0_pred - x_target).pow(2).mean()))
+    assert float(loss.detach()) == pytest.approx(sum(expected) / 4, rel=1e-4)

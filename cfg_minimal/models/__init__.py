@@ -1,7 +1,7 @@
 """Model registry: `build_model(arch, **overrides)` builds any architecture by name.
 
 An entry is a class and the sizes that differ from the class's defaults. The `-tiny` entries are
-for tests; `unet-cifar` is CIFAR-10's default (train.RECIPES). A second architecture slots in by
+for tests; `unet-cifar` is CIFAR-10's default (its entry in data.py). A second architecture slots in by
 adding its class and a few named sizes here.
 """
 
