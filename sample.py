@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
-from cfg_minimal import load_pipeline, pick_device, sample_scale_grid
-from cfg_minimal.errors import UserError, report
+from cfg_minimal import Pipeline, load_pipeline, pick_device, sample_scale_grid
+from cfg_minimal.checks import check_same_schedule
+from cfg_minimal.errors import UserError, report, user_message
+from cfg_minimal.evaluate import check_writable
 from cfg_minimal.guidance import CFG, GUIDERS, Guider, guider_from_spec
 from cfg_minimal.guiders import SCHEDULES
 from cfg_minimal.plotting import figure_path, save_scale_grid
+from cfg_minimal.resume import MAX_SEED
 from cfg_minimal.schedulers import SCHEDULERS
 
-SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpmsolver++": "DPM-Solver++", "ddim-cfg++": "DDIM CFG++"}
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpmsolver++": "DPM-Solver++", "ddim-cfg++": "DDIM CFG++",
+                 "euler": "flow Euler", "heun": "flow Heun"}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sampling-steps", type=int, default=None, help="default: the checkpoint's own (50 unless step-distilled)"
     )
-    p.add_argument("--sampler", default="ddim", choices=sorted(SCHEDULERS))
+    p.add_argument("--sampler", choices=sorted(SCHEDULERS),
+                   help="default: the model's own, ddim (euler for a rectified-flow model)")  # fmt: skip
     p.add_argument("--negative-label", type=int, help="CFG's negative class: guide away from it (teacher only)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG's rescale phi in [0, 1] (teacher only)")
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_LO", "T_HI"),
@@ -45,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="vary s over t, keeping its mean (Wang et al. 2024); a student takes it too")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="grid.png")
+    p.add_argument("--out", default="grid.png", help="the figure (.png unless another suffix); DIR/ means DIR/grid.png")
     args = p.parse_args(argv)
     if not 1 <= args.n_per_class <= 64:
         p.error(f"--n-per-class must be between 1 and 64 (a wider grid cannot be drawn), got {args.n_per_class}")
@@ -53,16 +60,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--sampling-steps must be a positive integer, got {args.sampling_steps}")
     if not all(math.isfinite(s) for s in args.scales):
         p.error(f"--scales must be finite numbers, got {args.scales}")
+    if not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
     return args
 
 
-def build_guider(args: argparse.Namespace, device: object) -> Guider:
+def output_path(out: str) -> Path:
+    """Where --out puts the figure, checked before anything is sampled: a name ending in / is a folder
+    (DIR/grid.png), and the folder must take a file."""
+    path = figure_path(Path(out) / "grid.png" if out.endswith(("/", os.sep)) else out)
+    check_writable(path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"cannot write to --out {str(path)!r} (it is read-only); choose another file")
+    return path
+
+
+def build_guider(args: argparse.Namespace, pipe: Pipeline) -> Guider:
     """--guider with its settings; the plain-CFG flags (--negative-label, --guidance-rescale,
-    --guidance-interval) are CFG's options; --guide-ckpt is autoguidance's weaker model."""
+    --guidance-interval) are CFG's options; --guide-ckpt is autoguidance's weaker model, which must share
+    the model's noise schedule and prediction type."""
     needs_guide = GUIDERS.get(args.guider.partition(":")[0].strip(), CFG).needs_guide_model
     if args.guide_ckpt and not needs_guide:
         raise UserError(f"--guide-ckpt is autoguidance's weaker model; {args.guider!r} takes none")
-    guide_model = load_pipeline(args.guide_ckpt, device=device).model if args.guide_ckpt else None
+    guide_model = None
+    if args.guide_ckpt:
+        guide = load_pipeline(args.guide_ckpt, device=pipe.device)
+        check_same_schedule(guide.scheduler, pipe.scheduler, "--guide-ckpt")
+        guide_model = guide.model
     guider = guider_from_spec(args.guider, guide_model)
     cfg_options = dict(negative_labels=args.negative_label, rescale=args.guidance_rescale or None,
                        interval=tuple(args.guidance_interval) if args.guidance_interval else None)  # fmt: skip
@@ -76,16 +100,17 @@ def build_guider(args: argparse.Namespace, device: object) -> Guider:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        out = figure_path(args.out)
+        out = output_path(args.out)
         pipe = load_pipeline(args.ckpt, device=pick_device(args.device), scheduler=args.sampler)
         steps = args.sampling_steps or pipe.sampling_steps
         start = time.perf_counter()
-        guider = build_guider(args, pipe.device)
+        guider = build_guider(args, pipe)
         grid = sample_scale_grid(pipe, args.scales, args.n_per_class, steps, args.seed, progress=True, guider=guider,
                                  guidance_schedule=args.guidance_schedule)  # fmt: skip
         seconds = time.perf_counter() - start
         kind = "student (1 pass per step)" if pipe.is_student else "CFG teacher"
-        sampler = SAMPLER_NAMES.get(args.sampler, args.sampler)
+        name = args.sampler or next(key for key, cls in SCHEDULERS.items() if type(pipe.scheduler) is cls)
+        sampler = SAMPLER_NAMES.get(name, name)
         title = f"{kind} on {pipe.dataset}, {steps} {sampler} steps, seed {args.seed}"
         if args.negative_label is not None:
             title += f", negative class {args.negative_label}"
@@ -97,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             title += f", {args.guider}, {args.guidance_schedule} schedule"
         save_scale_grid(grid, args.scales, pipe.class_names, out, title=title)
     except Exception as err:  # a user's mistake: one line, exit code 2
+        if (user_message(err) or "").startswith("ran out of memory"):  # the advice this command can give
+            err = UserError("ran out of memory sampling the grid at once; lower --n-per-class or give fewer --scales")
         return report(err)
     print(f"wrote {out}: {grid.shape[0] * grid.shape[1] * grid.shape[2]} images in {seconds:.1f} s")
     return 0

@@ -4,6 +4,8 @@ python train_mnist.py --dataset digits --out runs/digits            # teacher, s
 python train_mnist.py --stage distill --teacher runs/digits/teacher.pt --out runs/digits
 python train_mnist.py --stage step-distill --target-sampling-steps 8 --out runs/digits
 python train_mnist.py --dataset mnist --data-dir ../shared/data --out runs/mnist
+python train_mnist.py --objective gft --out runs/digits-gft      # guidance trained in: one model, one pass per step
+python train_mnist.py --objective mg --out runs/digits-mg        # (gft, mg: guidance_free.py; no student to distil)
 torchrun --nproc_per_node=4 train_mnist.py --dataset cifar10 --out runs/cifar10   # 4 GPUs, DDP
 
 "Train steps" count optimizer updates; "sampling steps" count denoising steps of the sampler.
@@ -36,13 +38,16 @@ from cfg_minimal import (
     sample_scale_grid,
     train_teacher,
 )
-from cfg_minimal.checkpoint import output_lock, writable_folder
+from cfg_minimal.checkpoint import output_lock, weights_fingerprint, writable_folder
 from cfg_minimal.distill import check_guidance_range, target_guider
-from cfg_minimal.errors import report
-from cfg_minimal.evaluate import sweep, write_sweep
+from cfg_minimal.errors import UserError, report
+from cfg_minimal.evaluate import check_classifier_cache, sweep, write_sweep
+from cfg_minimal.flow import TIMESTEP_SAMPLINGS
+from cfg_minimal.guidance_free import OBJECTIVES, check_objective
 from cfg_minimal.guiders import SCHEDULES
 from cfg_minimal.plotting import save_loss_curve, save_scale_grid
 from cfg_minimal.predictions import PREDICTION_TYPES
+from cfg_minimal.resume import MAX_SEED, flat_config
 from cfg_minimal.sampling import DEFAULT_SAMPLING_STEPS
 from cfg_minimal.schedulers import BETA_SCHEDULES
 
@@ -62,7 +67,17 @@ CONFIG_FLAGS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("--p-uncond", ("teacher.p_uncond",), dict(help="label dropout probability")),
     ("--beta-schedule", ("teacher.beta_schedule",), dict(choices=BETA_SCHEDULES, help="noise schedule")),
     ("--prediction-type", ("teacher.prediction_type",),
-     dict(choices=PREDICTION_TYPES, help="what the teacher (and every student of it) predicts: eps or v")),
+     dict(choices=PREDICTION_TYPES, help="what the teacher (and every student of it) predicts: eps, v, or "
+          "flow_prediction (rectified flow; sampled with euler or heun)")),
+    ("--timestep-sampling", ("teacher.timestep_sampling",),
+     dict(type=str, choices=TIMESTEP_SAMPLINGS, help="a flow teacher's training sigmas (default: logit_normal)")),
+    ("--objective", ("teacher.objective",),
+     dict(choices=OBJECTIVES, help="diffusion: a CFG teacher; gft / mg: guidance trained into one model that samples "
+          "in one pass (guidance_free.py; --stage all then trains it alone)")),
+    ("--gft-beta-min", ("teacher.gft_beta_min",), dict(help="gft: beta ~ U(this, 1), s = 1 / beta up to 1 / this")),
+    ("--mg-scale", ("teacher.mg_scale",), dict(help="mg: w of the target + (w - 1) sg[ema_c - ema_u], in [1, 2)")),
+    ("--mg-start", ("teacher.mg_start",), dict(help="mg: the share of train steps with the plain target first")),
+    ("--mg-t-max", ("teacher.mg_t_max",), dict(help="mg: the guidance term only where t < this x T")),
     ("--teacher-train-steps", ("teacher.optim.max_train_steps",), dict(type=int, help=PER_DATASET)),
     ("--teacher-batch-size", ("teacher.optim.batch_size",), dict(help="per process under torchrun")),
     ("--teacher-lr", ("teacher.optim.lr",), dict(help="AdamW, warm-up then cosine decay to a tenth")),
@@ -118,7 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--student", help="guided student for --stage step-distill (default: OUT/student.pt)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the runs in OUT (more --*-train-steps extend them); settings must match")  # fmt: skip
+                   help="continue the runs in OUT with their stored settings (more --*-train-steps extend them); "
+                   "a flag given must match them")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="train again from scratch over the checkpoints in OUT")
     defaults = {stage: cls() for stage, cls in STAGES.items()}
     for flag, targets, kwargs in CONFIG_FLAGS:
@@ -136,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-n", type=int, default=100, help="samples per scale in the closing sweep (default: 100)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
+    args.given = given_flags(p, argv)
     for flag, value in vars(args).items():
         if isinstance(value, int) and not isinstance(value, bool) and flag != "seed" and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
@@ -146,8 +163,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_n < 2 * DATASETS[args.dataset].num_classes:
         p.error(f"--eval-n must be at least two samples per class ({2 * DATASETS[args.dataset].num_classes}), "
                 f"got {args.eval_n}")  # fmt: skip
-    if args.sampling_steps > TeacherConfig.num_train_timesteps:
-        p.error(f"--sampling-steps must be at most {TeacherConfig.num_train_timesteps}, got {args.sampling_steps}")
+    for flag in ("sampling_steps", "start_sampling_steps", "target_sampling_steps"):
+        if (getattr(args, flag) or 0) > TeacherConfig.num_train_timesteps:
+            p.error(f"--{flag.replace('_', '-')} must be at most {TeacherConfig.num_train_timesteps} (the noise "
+                    f"schedule's timesteps), got {getattr(args, flag)}")  # fmt: skip
+    if not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
     if args.resume and args.overwrite:
         p.error("--resume continues the runs in --out and --overwrite replaces them: pass one of them")
     return args
@@ -157,8 +178,10 @@ def teacher_figures(out: Path, args: argparse.Namespace) -> torch.Tensor:
     """Write samples_teacher.png; return its grid (R, S, 1, C, H, W) for the comparison figure."""
     pipe = load_pipeline(out / "teacher.pt", device=pick_device(args.device))
     grid = sample_scale_grid(pipe, GRID_SCALES, num_steps=args.sampling_steps, seed=args.seed)
+    model = {"gft": "GFT model (one pass per step)", "mg": "MG model (s = 1 is its own setting)"}
     save_scale_grid(grid, GRID_SCALES, pipe.class_names, out / "samples_teacher.png",
-                    title=f"CFG teacher on {pipe.dataset}: rows = classes, same noise along a row")  # fmt: skip
+                    title=f"{model.get(args.objective, 'CFG teacher')} on {pipe.dataset}: rows = classes, same noise "
+                    "along a row")  # fmt: skip
     print(f"wrote {out / 'samples_teacher.png'}")
     return grid
 
@@ -212,15 +235,142 @@ def run(args: argparse.Namespace) -> None:
     """Teacher, then student; under torchrun all ranks train and rank 0 alone draws and writes figures."""
     out, configs, progress = Path(args.out), configs_from(args), not args.no_progress
     pick_device(args.device)  # an unusable --device fails now, not after loading the data
-    if args.stage in ("distill", "all"):
-        check_guidance_range(configs["distill"])  # before the teacher trains for minutes
-        target_guider(configs["distill"])
+    check_before_training(args, out, configs)
     if distributed.is_main():
         writable_folder(out)
         with output_lock(out):
             train_stages(args, out, configs, progress)
     else:
         train_stages(args, out, configs, progress)
+
+
+def given_flags(p: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The names (dests) of the flags given on the command line, as opposed to left at their defaults."""
+    defaults = {action: action.default for action in p._actions}
+    try:
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+        given, _ = p.parse_known_args(argv)
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    return set(vars(given))
+
+
+def check_before_training(args: argparse.Namespace, out: Path, configs: dict[str, Any]) -> None:
+    """Every mistake that can be seen before a train step, refused before any file changes."""
+    if args.teacher and args.stage not in ("distill", "step-distill"):
+        raise UserError(f"--teacher is the teacher of --stage distill (and the reference of step-distill); "
+                        f"--stage {args.stage} trains its own into --out")  # fmt: skip
+    if args.student and args.stage != "step-distill":
+        raise UserError(f"--student is the guided student that --stage step-distill halves; --stage {args.stage} "
+                        "does not read one")  # fmt: skip
+    if args.resume:
+        stored = resumed_runs(args, out)
+        take_stored_settings(args, configs, stored)
+        check_nothing_is_orphaned(args, out, configs, stored)
+    source = source_checkpoint(args, out)
+    if args.stage in ("teacher", "all"):
+        check_objective(configs["teacher"])
+    if args.stage in ("distill", "all"):
+        check_guidance_range(configs["distill"])  # before the teacher trains for minutes
+        target_guider(configs["distill"])
+    if args.stage != "teacher" and distributed.is_main():  # the closing sweep needs the evaluation classifier
+        check_classifier_cache(configs["teacher"].dataset if source is None else source["dataset"])
+
+
+# The checkpoint in OUT that --resume continues for each stage, and the key of the settings stored in it.
+RESUMED = {"teacher": ("teacher.pt", "teacher_config"), "distill": ("student.pt", "distill_config"),
+           "step_distill": ("student_*steps.pt", "step_distill_config")}  # fmt: skip
+STAGES_OF = {"teacher": ("teacher",), "distill": ("distill",), "all": ("teacher", "distill"),
+             "step-distill": ("step_distill",)}  # fmt: skip
+FROM_THE_COMMAND = ("data_dir", "optim.device", "optim.checkpoint_every", "optim.channels_last", "optim.compile")
+
+
+def resumed_runs(args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
+    """--resume: the checkpoint in OUT of each stage asked for that has one; none at all is a UserError
+    (nothing to resume: most likely a typo in --out), not a new run started from scratch."""
+    stored = {}
+    for stage in STAGES_OF[args.stage]:
+        paths = sorted(out.glob(RESUMED[stage][0])) if out.is_dir() else []
+        if paths:
+            stored[stage] = load_checkpoint(paths[0])
+    if not stored:
+        names = " or ".join(RESUMED[stage][0] for stage in STAGES_OF[args.stage])
+        raise UserError(f"--resume: {str(out)!r} holds no {names} to continue (a typo in --out?); leave out "
+                        "--resume to start a new run there")  # fmt: skip
+    if "distill" in stored and args.stage == "all" and "teacher" not in stored:  # a new teacher would orphan it
+        raise UserError(
+            f"--resume: {str(out)!r} holds student.pt but not the teacher.pt it was distilled from; "
+            "continue the student with --stage distill --teacher ITS_TEACHER, or choose another --out"
+        )
+    return stored
+
+
+def take_stored_settings(args: argparse.Namespace, configs: dict[str, Any], stored: dict[str, dict]) -> None:
+    """--resume: every config flag left out takes the value the run in OUT was trained with, not its default
+    (only the paths, the device, the checkpoint interval and the speed switches come from this command)."""
+    for flag, targets, _ in CONFIG_FLAGS:
+        dest = flag[2:].replace("-", "_")
+        for target in targets if dest not in args.given else ():
+            stage, field = target.split(".", 1)
+            trained = flat_config(stored[stage].get(RESUMED[stage][1], {})) if stage in stored else {}
+            if field in trained and field not in FROM_THE_COMMAND:
+                setattr(*field_of(configs, target), trained[field])
+                setattr(args, dest, trained[field])
+
+
+# A model in OUT, and what a later stage distilled from it there (found by the fingerprint of its weights).
+DESCENDANTS = (
+    ("teacher", "student.pt", "teacher_fingerprint"),
+    ("distill", "student_*steps.pt", "previous_fingerprint"),
+)
+
+
+def check_nothing_is_orphaned(args: argparse.Namespace, out: Path, configs: dict[str, Any], stored: dict) -> None:
+    """--resume must not train a model in OUT further while a model distilled from it lies next to it (a
+    teacher and its student, a student and its step-distilled rounds): that model could never again be
+    resumed or compared with the one it came from. Refused before anything changes."""
+    for stage, pattern, key in DESCENDANTS:
+        if stage not in stored:
+            continue
+        ckpt, name = stored[stage], RESUMED[stage][0]
+        target = configs[stage].optim.max_train_steps or ckpt["max_train_steps"]
+        fingerprint = weights_fingerprint(ckpt["ema"])
+        for child in sorted(out.glob(pattern)):
+            origin = load_checkpoint(child).get(key)
+            if origin == fingerprint and target > ckpt["train_step"]:
+                raise UserError(f"--resume would train {str(out / name)!r} on from train step {ckpt['train_step']} "
+                                f"to {target}, but {child.name} was distilled from it and could then never be "
+                                f"resumed or compared with it; to train it longer, copy {name} into a new folder and "
+                                "resume it there (--out NEW_FOLDER --resume)")  # fmt: skip
+            if origin != fingerprint and stage == "teacher" and args.stage == "all":
+                raise UserError(f"--resume: {str(child)!r} was distilled from another teacher than "
+                                f"{str(out / name)!r} (their weights differ); continue it with --stage distill "
+                                "--teacher THE_TEACHER_IT_STARTED_FROM, or choose another --out")  # fmt: skip
+
+
+# The flags that describe the teacher itself: --stage distill and step-distill start from a trained one.
+MODEL_FLAGS = ("--dataset", "--arch", "--p-uncond", "--beta-schedule", "--prediction-type", "--timestep-sampling",
+               "--objective", "--gft-beta-min", "--mg-scale", "--mg-start", "--mg-t-max")  # fmt: skip
+
+
+def source_checkpoint(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
+    """--stage distill / step-distill: the teacher / guided student they start from, loaded. A model flag
+    given (--dataset, --arch, ...) must be what its teacher was trained with: it cannot change it."""
+    if args.stage not in ("distill", "step-distill"):
+        return None
+    kind, given = ("teacher", args.teacher) if args.stage == "distill" else ("student", args.student)
+    path = Path(given) if given else out / f"{kind}.pt"
+    ckpt = load_checkpoint(path, kind=kind)
+    trained = ckpt.get("teacher_config", {})
+    for flag, (target,), _ in (entry for entry in CONFIG_FLAGS if entry[0] in MODEL_FLAGS):
+        dest, field = flag[2:].replace("-", "_"), target.split(".", 1)[1]
+        if dest in args.given and field in trained and getattr(args, dest) != trained[field]:
+            raise UserError(f"{flag} {getattr(args, dest)}: --stage {args.stage} starts from {str(path)!r}, whose "
+                            f"teacher was trained with {field} {trained[field]}; leave {flag} out, or give a "
+                            f"{kind} trained with it")  # fmt: skip
+    return ckpt
 
 
 def train_stages(args: argparse.Namespace, out: Path, configs: dict[str, Any], progress: bool) -> None:
@@ -235,7 +385,7 @@ def train_stages(args: argparse.Namespace, out: Path, configs: dict[str, Any], p
         teacher_path = out / "teacher.pt"
         grid_t = teacher_figures(out, args) if rank0 else None
         distributed.barrier()  # the others wait for rank 0's figures before distilling together
-    if args.stage in ("distill", "all"):
+    if args.stage == "distill" or (args.stage == "all" and configs["teacher"].objective == "diffusion"):
         curves["student"] = distill_student(teacher_path, configs["distill"], out, **how).losses
         if rank0:
             student_figures(teacher_path, out, args, grid_t)

@@ -43,7 +43,9 @@ from cfg_minimal import (
     train_teacher,
     with_optim,
 )
-from cfg_minimal.evaluate import Judge
+from cfg_minimal.checkpoint import output_lock
+from cfg_minimal.errors import UserError
+from cfg_minimal.evaluate import Judge, check_classifier_cache
 from cfg_minimal.pretrained import CONFIG, WEIGHTS, save_pretrained
 from cfg_minimal.recipes import GPU_RECIPES
 from cfg_minimal.sampling import Pipeline
@@ -54,14 +56,60 @@ EXPORTED_STEPS = (8, 4)  # the step-distilled students that are evaluated and ex
 
 
 def run(args: argparse.Namespace) -> None:
-    """Train, evaluate, print and write the report; export the models if asked."""
+    """Train, evaluate, print and write the report; export the models if asked. Every output (the report, the
+    checkpoints, the export folders) and every flag is checked before the first train step."""
     device = pick_device(args.device)
     args = fill_defaults(args, device)
-    out = harness.Outputs.of(args, "end_to_end.json")
-    export = harness.Outputs(args.export, args.overwrite, "--export") if args.export else None
-    if export is not None:  # refused now, not after training
-        export.claim(*(f"{export_folder(args, model)}/{f}" for model in model_names(args) for f in (CONFIG, WEIGHTS)))
-    stages, paths = train_all(args, out.folder, device)
+    check_args(args)
+    checkpoints = ["teacher.pt", "student.pt", *(f"student_{k}steps.pt" for k in round_sizes(*rounds_of(args)))]
+    out = harness.Outputs.of(args, "end_to_end.json", *checkpoints)
+    export = claim_exports(args) if args.export else None
+    check_classifier_cache(args.dataset)
+    with output_lock(out.folder):  # a second run into the same folder is refused, not interleaved
+        stages, paths = train_all(args, out.folder, device)
+        report = evaluate_all(args, device, stages, paths)
+        out.json("end_to_end.json", report)
+    if export is not None:
+        for name, path in paths.items():
+            folder = export.folder / export_folder(args, name)
+            save_pretrained(load_checkpoint(path), folder, report["command"], overwrite=args.overwrite)
+            print(f"exported {folder}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags that would otherwise fail after minutes of training (--n, --speed-batch, the rounds)."""
+    classes = DATASETS[args.dataset].num_classes
+    if args.n < 2 * classes:  # diversity needs two samples of every class
+        raise UserError(f"--n must be at least two samples per class ({2 * classes}), got {args.n}")
+    names = ["speed_batch", "teacher_batch_size", "distill_batch_size", "round_batch_size", "round_train_steps"]
+    names += [name for name in ("teacher_train_steps", "distill_train_steps") if getattr(args, name) is not None]
+    harness.require_positive(args, *names)
+    start, target = rounds_of(args)
+    if start > TeacherConfig.num_train_timesteps:
+        raise UserError(f"--start-sampling-steps must be at most {TeacherConfig.num_train_timesteps}, got {start}")
+    round_sizes(start, target)  # a target that halving does not reach is a UserError
+
+
+def claim_exports(args: argparse.Namespace) -> harness.Outputs:
+    """The export folders DIR/DATASET-MODEL: refused now if one exists (unless --overwrite, and then only a
+    folder holding nothing but an exported model), not after the training."""
+    export = harness.Outputs(args.export, args.overwrite, "--export")
+    for path in export.claim(*(export_folder(args, model) for model in model_names(args))):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path} is a file, not an export folder; choose another --export")
+        others = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG, WEIGHTS)) if path.is_dir() else []
+        if others:
+            raise UserError(f"{path} holds other files than an exported model ({', '.join(others[:3])}); "
+                            "choose another --export")  # fmt: skip
+    return export
+
+
+def rounds_of(args: argparse.Namespace) -> tuple[int, int]:
+    return args.start_sampling_steps, args.target_sampling_steps
+
+
+def evaluate_all(args: argparse.Namespace, device: torch.device, stages: list[dict], paths: dict[str, Path]) -> dict:
+    """Quality and speed of every model trained -> the report (printed as it comes, then as tables)."""
     pipes = {name: load_pipeline(path, device=device) for name, path in paths.items()}
     for name in ("teacher", "student"):
         pipes[name].sampling_steps = args.sampling_steps
@@ -75,18 +123,12 @@ def run(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         report["cpu_vs_gpu"] = cpu_vs_gpu(paths["teacher"], pipes["teacher"], args)
     print_report(report)
-    out.json("end_to_end.json", report)
-    if export is not None:
-        for name, path in paths.items():
-            folder = export.folder / export_folder(args, name)
-            save_pretrained(load_checkpoint(path), folder, report["command"])
-            export.written.update({folder / CONFIG, folder / WEIGHTS})
-            print(f"exported {folder}")
+    return report
 
 
 def model_names(args: argparse.Namespace) -> list[str]:
     """The models evaluated: teacher, student, and the step-distilled students of EXPORTED_STEPS the rounds reach."""
-    rounds = round_sizes(args.start_sampling_steps, args.target_sampling_steps)
+    rounds = round_sizes(*rounds_of(args))
     return ["teacher", "student", *(f"student {k} steps" for k in rounds if k in EXPORTED_STEPS)]
 
 
@@ -122,7 +164,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """Train steps and batch sizes left out: the GPU recipe of the dataset on CUDA (recipes.GPU_RECIPES),
-    else each stage's own defaults (None train steps: the per-dataset count, recipes.RECIPES)."""
+    else each stage's own defaults (None train steps: the data set's count, recipes.recipe)."""
     gpu = GPU_RECIPES.get(args.dataset, {}) if device.type == "cuda" else {}
     stage = {"teacher": TeacherConfig().optim, "distill": DistillConfig().optim, "round": StepDistillConfig().optim}
     for name, optim in stage.items():

@@ -118,14 +118,33 @@ def plot(results: list[dict], scales: list[float], title: str) -> plt.Figure:
     return fig
 
 
+def check_budgets(args: argparse.Namespace) -> None:
+    """Each budget buys every route a whole number of steps: a CFG teacher spends two evaluations per step
+    at s other than 0 and 1, so there the budgets must be even (an odd one would be measured as one less)."""
+    harness.require_positive(args, "budgets")
+    guided = [s for s in args.scales if s not in (0.0, 1.0)]
+    odd = [b for b in args.budgets if b % 2]
+    if guided and odd:
+        raise UserError(f"--budgets {odd[0]} is odd: at s = {guided[0]:g} a CFG teacher spends two evaluations per "
+                        "step, so it could not spend it; use even budgets")  # fmt: skip
+    if args.extra_seeds and args.seed_budget not in args.budgets:
+        print(f"note: --seed-budget {args.seed_budget} is not one of --budgets, so --extra-seeds are not used")
+
+
 def run(args: argparse.Namespace) -> None:
     device, run_dir = pick_device(args.device), Path(args.run_dir)
+    check_budgets(args)
     for name in ("teacher.pt", "student.pt"):
         if not (run_dir / name).is_file():
             raise UserError(f"--run-dir {str(run_dir)!r} has no {name}; train it with train_mnist.py "
                             "(--stage step-distill adds the step-distilled students)")  # fmt: skip
     pipes = routes(run_dir, device)
     dataset = pipes[ROUTES[0]].dataset
+    if pipes[ROUTES[2]].dataset != dataset or not pipes[ROUTES[2]].is_student or pipes[ROUTES[0]].is_student:
+        raise UserError(f"--run-dir {str(run_dir)!r}: teacher.pt must be a {dataset} teacher and student.pt its "
+                        "guided student")  # fmt: skip
+    if not pipes[ROUTES[4]]:
+        print(f"note: no student_{{n}}steps.pt in {run_dir}: the step-distilled route is left out")
     out = harness.Outputs.of(args, f"frontier_{dataset}.json", f"frontier_{dataset}.png")
     judge = harness.load_judge(dataset, args.data_dir, device)
     check = divergence_check(run_dir, device, judge, args.n, args.seed[0])

@@ -22,7 +22,7 @@ import argparse
 import torch
 
 from benchmarks import harness
-from cfg_minimal import UserError, load_pipeline, pick_device
+from cfg_minimal import UserError, load_checkpoint, load_pipeline, pick_device
 from cfg_minimal.data import load_dataset, to_unit_range
 from cfg_minimal.evaluate import generate
 from cfg_minimal.guidance import CFG
@@ -40,26 +40,43 @@ def sigma_interval_to_timesteps(pipe: Pipeline, sigma_lo: float, sigma_hi: float
     abar = pipe.scheduler.alphas_cumprod
     sigma = ((1 - abar) / abar).sqrt()  # (T,) increasing in t
     inside = ((sigma > sigma_lo) & (sigma <= sigma_hi)).nonzero().flatten()
+    if len(inside) == 0:
+        raise UserError(f"--sigma-interval {sigma_lo:g} {sigma_hi:g} holds no timestep of this schedule (its sigma_t "
+                        f"runs from {float(sigma[0]):.3g} to {float(sigma[-1]):.3g}); widen it")  # fmt: skip
     return int(inside.min()), int(inside.max())
+
+
+def load_models(args: argparse.Namespace, device: torch.device) -> dict[str, Pipeline]:
+    """--teacher (a teacher) and, if given, --student (a guided student of the same data set)."""
+    pipes = {"teacher": load_pipeline(args.teacher, device=device)}
+    load_checkpoint(args.teacher, kind="teacher")
+    if args.student:
+        pipes["student"] = load_pipeline(args.student, device=device)
+        load_checkpoint(args.student, kind="student")
+        if pipes["student"].dataset != pipes["teacher"].dataset:
+            raise UserError(f"--student is a {pipes['student'].dataset} student, --teacher a "
+                            f"{pipes['teacher'].dataset} teacher; give two of the same data set")  # fmt: skip
+    return pipes
 
 
 def run(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
-    teacher = load_pipeline(args.teacher, device=device)
+    pipes = load_models(args, device)
+    teacher, K = pipes["teacher"], pipes["teacher"].num_classes
+    if args.n < 2 * K:
+        raise UserError(f"--n must be at least two samples per class ({2 * K}), got {args.n}")
+    CFG(rescale=args.phi)  # a phi out of range fails now, not after the first rows
+    interval = sigma_interval_to_timesteps(teacher, *args.sigma_interval)
     out = harness.Outputs.of(args, "guidance_variants.json", "guidance_variants.png")
     judge = harness.load_judge(teacher.dataset, args.data_dir, device)
     real_ink = float(to_unit_range(load_dataset(teacher.dataset, args.data_dir, train=False).images).mean())
 
-    K = teacher.num_classes
-    if args.n < 2 * K:
-        raise UserError(f"--n must be at least two samples per class ({2 * K}), got {args.n}")
     plain_s1, labels, _ = generate(teacher, args.n, 1.0, args.sampling_steps, args.seed[0])
     probs = classifier_stats(judge.classifier, plain_s1.to(device)).logits.softmax(dim=1)  # (n, K)
     confusion = torch.stack([probs[labels == c].mean(dim=0) for c in range(K)])  # (K, K)
     confusion.fill_diagonal_(-1.0)
     runner_up = confusion.argmax(dim=1)  # (K,) each class's most confusable other class
     negative = runner_up[labels]  # (n,): generate's labels are the same for every seed
-    interval = sigma_interval_to_timesteps(teacher, *args.sigma_interval)
     print(f"negative class per class: {runner_up.tolist()}; interval t in {list(interval)}")
 
     variants = {"plain": None, f"rescale {args.phi:g}": CFG(rescale=args.phi), "interval": CFG(interval=interval),
@@ -68,9 +85,7 @@ def run(args: argparse.Namespace) -> None:
     rows += [("teacher", f"rescale {args.phi:g}", s) for s in (3.0, 6.0, 10.0)]
     rows += [("teacher", "interval", s) for s in (3.0, 6.0, 10.0)]
     rows += [("teacher", "negative class", s) for s in (1.5, 2.0, 3.0)]
-    pipes = {"teacher": teacher}
     if args.student:
-        pipes["student"] = load_pipeline(args.student, device=device)
         rows += [("student", "plain", 3.0), ("student", "plain", 6.0), ("student", "interval", 6.0),
                  ("student", "negative class", 3.0)]  # fmt: skip
     cases = [harness.Case(model, pipes[model], s, args.sampling_steps, columns=dict(variant=variant),

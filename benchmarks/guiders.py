@@ -21,6 +21,7 @@ a curve per method) into --out, and prints each method's best FD at accuracy >= 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,30 +58,36 @@ TABLE = harness.Table([("model", "method", "{}"), ("settings", "settings", "{}")
                        "accuracy", "fd", "diversity", "evals_per_image", "ms_per_image"])  # fmt: skip
 
 
-def assignments(items: list[str], flag: str) -> dict[str, str]:
-    """['apg=apg:eta=0', ...] -> {'apg': 'apg:eta=0'}, for methods of METHODS only."""
+def assignments(items: list[str], flag: str, methods: list[str]) -> dict[str, str]:
+    """['apg=apg:eta=0', ...] -> {'apg': 'apg:eta=0'}, for methods of METHODS that this run measures, once each."""
     pairs = {}
     for item in items:
         name, eq, value = item.partition("=")
         if not eq or name not in METHODS:
             raise UserError(f"{flag} takes NAME=VALUE with NAME one of {', '.join(METHODS)}; got {item!r}")
+        if name not in methods:
+            raise UserError(f"{flag} {item!r}: {name} is not measured in this run; add it to --methods")
+        if name in pairs:
+            raise UserError(f"{flag} sets {name} twice ({pairs[name]!r} and {value!r}); give it once")
         pairs[name] = value
     return pairs
 
 
 def strengths(args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
     grids = {name: method.strengths for name, method in METHODS.items()}
-    for name, values in assignments(args.grid, "--grid").items():
+    for name, values in assignments(args.grid, "--grid", args.methods).items():
         try:
             grids[name] = tuple(float(v) for v in values.split(","))
         except ValueError:
             raise UserError(f"--grid {name}= takes numbers separated by commas, got {values!r}") from None
+        if not all(math.isfinite(v) for v in grids[name]):
+            raise UserError(f"--grid {name}= takes finite numbers, got {values!r}")
     return grids
 
 
 def cases(args: argparse.Namespace, device: torch.device) -> list[harness.Case]:
     """A case per method asked for and strength, all on the teacher of --ckpt (students: their own)."""
-    specs = {name: method.spec for name, method in METHODS.items()} | assignments(args.spec, "--spec")
+    specs = {name: method.spec for name, method in METHODS.items()} | assignments(args.spec, "--spec", args.methods)
     grids = strengths(args)
     teachers = {}  # one pipeline per sampler
     out = []
@@ -88,7 +95,11 @@ def cases(args: argparse.Namespace, device: torch.device) -> list[harness.Case]:
         if name == "student":
             for path in args.student:
                 student = load_pipeline(path, device=device)
-                distilled = load_checkpoint(path).get("distill_config", {})
+                distilled = load_checkpoint(path, kind="student").get("distill_config", {})
+                if student.dataset != args.dataset:
+                    raise UserError(
+                        f"--student {path!r} is a {student.dataset} student, but --dataset is {args.dataset}"
+                    )
                 target = f"distilled {distilled.get('guider', 'cfg')}, {distilled.get('schedule', 'constant')} schedule"
                 method = f"student {Path(path).parent.name}/{Path(path).stem}"  # a curve per student
                 out += harness.grid({method: student}, grids[name], steps=args.sampling_steps,
@@ -100,7 +111,10 @@ def cases(args: argparse.Namespace, device: torch.device) -> list[harness.Case]:
             if args.guide_ckpt is None:
                 print("autoguidance skipped: pass --guide-ckpt, a weaker teacher of the same dataset")
                 continue
-            guide = load_pipeline(args.guide_ckpt, device=device).model
+            guide_pipe = load_pipeline(args.guide_ckpt, device=device)
+            if guide_pipe.dataset != args.dataset or guide_pipe.is_student:
+                raise UserError(f"--guide-ckpt must be a {args.dataset} teacher, like --ckpt")
+            guide = guide_pipe.model
         if method.sampler not in teachers:
             teachers[method.sampler] = load_pipeline(args.ckpt, device=device, scheduler=method.sampler)
         options = dict(guider=guider_from_spec(specs[name], guide_model=guide), guidance_schedule=method.schedule)
@@ -149,13 +163,22 @@ def plot(results: list[dict], min_accuracy: float, title: str) -> plt.Figure:
 def run(args: argparse.Namespace) -> None:
     if args.student and "student" not in args.methods:
         args.methods.append("student")
+    if args.guide_ckpt and "autoguidance" not in args.methods:
+        raise UserError("--guide-ckpt is autoguidance's weaker model; add autoguidance to --methods")
+    if "student" in args.methods and not args.student:
+        raise UserError("--methods student measures the --student checkpoints; pass at least one --student")
     args.ckpt = args.ckpt or f"runs/{args.dataset}/teacher.pt"
+    if not 0 <= args.min_accuracy <= 1:
+        raise UserError(f"--min-accuracy is a share in [0, 1], got {args.min_accuracy}")
     device = pick_device(args.device)
     teacher = load_pipeline(args.ckpt, device=device)
+    load_checkpoint(args.ckpt, kind="teacher")
     if teacher.dataset != args.dataset:
         raise UserError(f"--ckpt is a {teacher.dataset} teacher, but --dataset is {args.dataset}")
     out = harness.Outputs.of(args, f"guiders_{args.dataset}.json", f"guiders_{args.dataset}.png")
     todo = cases(args, device)
+    if not todo:
+        raise UserError("nothing to measure: autoguidance needs --guide-ckpt; add other --methods")
     judge = harness.load_judge(args.dataset, args.data_dir, device)
     results = harness.measure(todo, judge, args.n, args.seed, table=TABLE)
     table = best_fd(results, args.min_accuracy)

@@ -25,7 +25,8 @@ The rules every benchmark follows through this file:
   counts    network evaluations are counted by forward hooks on the networks, never assumed.
   time      wall time between CUDA synchronisations: a GPU queues work, and without them a timer
             measures the launches instead of the work.
-  mistakes  a user's mistake is one line on stderr and exit code 2 (cfg_minimal.errors.report).
+  mistakes  a user's mistake is one line on stderr and exit code 2 (cfg_minimal.errors.report), found
+            before anything is trained or measured where it can be (`check_common`, each run's checks).
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from cfg_minimal.checkpoint import writable_folder
 from cfg_minimal.distributed import device_name
-from cfg_minimal.errors import UserError, report
-from cfg_minimal.evaluate import Judge, generate
+from cfg_minimal.errors import UserError, report, user_message
+from cfg_minimal.evaluate import Judge, check_writable, generate
+from cfg_minimal.resume import MAX_SEED
 from cfg_minimal.sampling import Pipeline
+from cfg_minimal.train import TeacherConfig
 
 DATA_DIR = "data"  # the one default of --data-dir
 RUNS = Path("runs") / "benchmarks"  # --out defaults to RUNS / NAME
@@ -96,12 +98,15 @@ def main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], An
     args = parser.parse_args(argv)
     args.command = shlex.join([*parser.prog.split(), *(sys.argv[1:] if argv is None else argv)])
     try:
-        require_positive(args, *(["n"] if hasattr(args, "n") else []))
+        check_common(args)
         run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # a user's mistake: one line, exit code 2; a bug keeps its traceback
+        if (user_message(err) or "").startswith("ran out of memory"):  # advice in this benchmark's own flags
+            sizes = [flag for flag in parser._option_string_actions if flag == "--n" or "batch" in flag]
+            err = UserError(f"ran out of memory: lower {' or '.join(sizes) or 'the sizes asked for'}")
         return report(err)
     return 0
 
@@ -119,6 +124,21 @@ def entry(
     if module == "__main__":
         raise SystemExit(benchmark_main())
     return benchmark_main
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """The flags most benchmarks share, before anything runs: --n, the seeds, and where a benchmark has
+    them --sampling-steps (at most the noise schedule's timesteps) and --scales / --scale (finite)."""
+    require_positive(args, *(name for name in ("n", "sampling_steps") if getattr(args, name, None) is not None))
+    seeds = [*getattr(args, "seed", []), *getattr(args, "extra_seeds", [])]
+    if not all(0 <= seed <= MAX_SEED for seed in seeds):
+        raise UserError(f"--seed must be integers in [0, 2**63 - 1], got {seeds}")
+    steps, most = getattr(args, "sampling_steps", None), TeacherConfig.num_train_timesteps
+    if steps is not None and steps > most:
+        raise UserError(f"--sampling-steps must be at most {most} (the noise schedule's timesteps), got {steps}")
+    scales = [*getattr(args, "scales", []), *([args.scale] if hasattr(args, "scale") else [])]
+    if not all(math.isfinite(s) for s in scales):
+        raise UserError(f"--scales must be finite numbers, got {scales}")
 
 
 def require_positive(args: argparse.Namespace, *names: str) -> None:
@@ -150,7 +170,7 @@ class Outputs:
         taken = [p for p in paths if p.exists() and p not in self.written]
         if taken and not self.overwrite:
             raise UserError(f"{taken[0]} already exists; pass --overwrite to replace it, or choose another {self.flag}")
-        writable_folder(self.folder)
+        check_writable(self.folder)  # made when the first file is written: a refusal leaves no empty folder
         return paths
 
     def path(self, name: str) -> Path:

@@ -18,7 +18,17 @@ from functools import partial
 import torch
 
 from benchmarks import harness
-from cfg_minimal import DDIMScheduler, Pipeline, build_model, load_pipeline, make_student, pick_device
+from cfg_minimal import (
+    ARCHITECTURES,
+    DDIMScheduler,
+    Pipeline,
+    UserError,
+    build_model,
+    load_checkpoint,
+    load_pipeline,
+    make_student,
+    pick_device,
+)
 from cfg_minimal.data import dataset_info
 
 RUNS = {  # name: (pipeline, batched)
@@ -35,7 +45,10 @@ def pipelines(args: argparse.Namespace, device: torch.device) -> dict[str, Pipel
     """The teacher (from --ckpt, or untrained) and a student made from it (untrained: speed is all we need)."""
     if args.ckpt:
         teacher = load_pipeline(args.ckpt, device=device)
+        load_checkpoint(args.ckpt, kind="teacher")  # a student is refused: it has no two passes to time
     else:
+        if args.arch not in ARCHITECTURES:
+            raise UserError(f"--arch {args.arch!r}: unknown architecture; choose from {', '.join(ARCHITECTURES)}")
         info = dataset_info(args.dataset)
         model = build_model(args.arch, in_channels=info.channels, image_size=info.image_size).eval().to(device)
         teacher = Pipeline(model, DDIMScheduler(beta_schedule="squaredcos_cap_v2"), args.dataset, info.image_size,

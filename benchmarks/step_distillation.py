@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
-from cfg_minimal import load_checkpoint, load_pipeline, pick_device
+from cfg_minimal import UserError, load_checkpoint, load_pipeline, pick_device
 from cfg_minimal.schedulers import DDIMScheduler
 
 TEACHER = "teacher, CFG"
@@ -28,15 +28,34 @@ TABLE = harness.Table(["model", "sampling_steps", "scale", "evals_per_image", "a
                        "ms_per_image", ("speedup", "speed-up", "{:.1f}x")])  # fmt: skip
 
 
+def check_models(args: argparse.Namespace) -> None:
+    """--teacher a teacher, --student a guided student (not a step-distilled one) of the same data set, and
+    --run-dir a folder: what the rows are labelled."""
+    teacher, student = load_checkpoint(args.teacher, kind="teacher"), load_checkpoint(args.student, kind="student")
+    if student.get("sampling_steps") is not None:
+        raise UserError(f"--student {args.student!r} is step-distilled ({student['sampling_steps']} sampling steps); "
+                        "give the guided student it was distilled from (student.pt)")  # fmt: skip
+    if student["dataset"] != teacher["dataset"]:
+        raise UserError(f"--student is a {student['dataset']} student, --teacher a {teacher['dataset']} teacher; "
+                        "give two of the same data set")  # fmt: skip
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"--run-dir {args.run_dir!r} is not a folder; give the one holding student_{{n}}steps.pt")
+
+
 def cases(args: argparse.Namespace, device: torch.device) -> list[harness.Case]:
     """The rows' models, each at every scale; the teacher first (the speed-up's reference)."""
+    check_models(args)
     teacher, guided = load_pipeline(args.teacher, device=device), load_pipeline(args.student, device=device)
     rows = [(TEACHER, teacher, args.sampling_steps), ("guided student", guided, args.sampling_steps)]
     aligned = DDIMScheduler(**{**load_checkpoint(args.student)["scheduler_config"], "timestep_spacing": "aligned"})
     rows += [("guided student, no step distillation", harness.with_scheduler(guided, aligned), n) for n in CUT_STEPS]
     for path in sorted(Path(args.run_dir).glob("student_*steps.pt"), key=lambda p: -int(p.stem[8:-5])):
         pipe = load_pipeline(path, device=device)
+        if pipe.dataset != teacher.dataset:
+            raise UserError(f"{path} is a {pipe.dataset} student, --teacher a {teacher.dataset} teacher")
         rows.append(("step-distilled student", pipe, pipe.sampling_steps))
+    if len(rows) == 2 + len(CUT_STEPS):
+        print(f"note: no student_{{n}}steps.pt in --run-dir {args.run_dir}: no step-distilled rows")
     return [harness.Case(name, pipe, s, steps) for name, pipe, steps in rows for s in args.scales]
 
 

@@ -21,8 +21,19 @@ import torch
 
 from benchmarks import harness
 from cfg_minimal import OptimConfig, TeacherConfig, UserError, load_pipeline, pick_device, train_teacher, with_optim
+from cfg_minimal.checkpoint import output_lock
 from cfg_minimal.data import DATASETS
-from cfg_minimal.evaluate import Judge
+from cfg_minimal.evaluate import Judge, check_classifier_cache
+from cfg_minimal.loop import check_optim
+from cfg_minimal.models import ARCHITECTURES
+from cfg_minimal.predictions import check_prediction_type
+from cfg_minimal.resume import MAX_SEED
+from cfg_minimal.schedulers import BETA_SCHEDULES
+
+# Fields a variant may not change: the flags set them for every variant, and the judge is the --dataset's.
+FROM_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "device": "--device"}
+UNSET = {"arch": str, "max_train_steps": int}  # the type of the fields whose default is None
+BOOLS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
@@ -32,27 +43,59 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     defaults.update({f.name: getattr(OptimConfig(), f.name) for f in fields(OptimConfig)})
     changes: dict[str, object] = {}
     for item in filter(None, settings.split(",")):
-        key, _, value = item.partition("=")
-        if key not in defaults or defaults[key] is None:
-            raise UserError(f"--variant {text!r}: {key!r} is not a TeacherConfig or OptimConfig field with a default")
-        kind = type(defaults[key])
-        try:
-            changes[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
-        except ValueError:
-            raise UserError(f"--variant {text!r}: {key} takes a {kind.__name__}, got {value!r}") from None
+        key, eq, value = item.partition("=")
+        if key not in defaults:
+            raise UserError(f"--variant {text!r}: {key!r} is not a TeacherConfig or OptimConfig field")
+        if key in FROM_FLAGS:
+            raise UserError(f"--variant {text!r}: {key} is set for every variant by {FROM_FLAGS[key]}")
+        if not eq or key in changes:
+            raise UserError(f"--variant {text!r}: give each field once, as FIELD=VALUE; got {item!r}")
+        changes[key] = typed(text, key, value, defaults[key])
     name = name or "base"
     if Path(name).name != name or name in (".", ".."):
         raise UserError(f"--variant {text!r}: its NAME is a folder in --out, so it cannot hold a path")
     return name, changes
 
 
-def train(name: str, changes: dict, args: argparse.Namespace, out: harness.Outputs) -> tuple[dict, Path]:
-    """Train one variant's teacher into OUT/NAME, timed -> (its row so far, its checkpoint)."""
+def typed(text: str, key: str, value: str, default: object) -> object:
+    """A variant's VALUE as the type of the field's default (bool: true / false / 1 / 0)."""
+    kind = UNSET.get(key, type(default))
+    if kind is bool and value.lower() not in BOOLS:
+        raise UserError(f"--variant {text!r}: {key} is true or false, got {value!r}")
+    try:
+        return BOOLS[value.lower()] if kind is bool else kind(value)
+    except ValueError:
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise UserError(f"--variant {text!r}: {key} takes {article} {kind.__name__}, got {value!r}") from None
+
+
+def variant_config(changes: dict, args: argparse.Namespace) -> TeacherConfig:
+    """The variant's TeacherConfig: its changes over the flags over the defaults; every value in its range."""
     optim_keys = {f.name for f in fields(OptimConfig)}
     cfg = TeacherConfig(dataset=args.dataset, data_dir=args.data_dir)
     cfg = with_optim(cfg, max_train_steps=args.teacher_train_steps, batch_size=args.teacher_batch_size,
                      device=args.device, **{k: v for k, v in changes.items() if k in optim_keys})  # fmt: skip
     cfg = replace(cfg, **{k: v for k, v in changes.items() if k not in optim_keys})
+    check_optim(cfg.optim)
+    check_prediction_type(cfg.prediction_type)
+    problems = {
+        "p_uncond": 0 <= cfg.p_uncond < 1,
+        "beta_schedule": cfg.beta_schedule in BETA_SCHEDULES,
+        "arch": cfg.arch is None or cfg.arch in ARCHITECTURES,
+        "num_train_timesteps": cfg.num_train_timesteps >= args.sampling_steps,
+        "seed": 0 <= cfg.optim.seed <= MAX_SEED,
+    }
+    bad = [f"{key}={getattr(cfg, key, None) if key != 'seed' else cfg.optim.seed}" for key, ok in problems.items()
+           if not ok]  # fmt: skip
+    if bad:
+        raise UserError(f"--variant: {', '.join(bad)} is out of range (p_uncond in [0, 1), beta_schedule one of "
+                        f"{', '.join(BETA_SCHEDULES)}, arch one of {', '.join(ARCHITECTURES)}, num_train_timesteps "
+                        "at least --sampling-steps, seed in [0, 2**63 - 1])")  # fmt: skip
+    return cfg
+
+
+def train(name: str, changes: dict, cfg: TeacherConfig, args: argparse.Namespace, out: harness.Outputs) -> tuple:
+    """Train one variant's teacher into OUT/NAME, timed -> (its row so far, its checkpoint)."""
     if_exists = "overwrite" if args.overwrite else "error"  # claimed up front; the loop refuses again
     with harness.Timer(pick_device(args.device)) as timer:
         train_teacher(cfg, out.folder / name, if_exists=if_exists, progress=not args.no_progress)
@@ -77,17 +120,25 @@ def run(args: argparse.Namespace) -> None:
     names = [name for name, _ in variants]
     if len(set(names)) < len(names):
         raise UserError(f"two --variant share a NAME ({names}); each trains into its own folder OUT/NAME")
+    harness.require_positive(args, "teacher_train_steps", "teacher_batch_size")
+    configs = [variant_config(changes, args) for _, changes in variants]  # every variant checked before any trains
+    classes = DATASETS[args.dataset].num_classes
+    if args.n < 2 * classes:  # diversity needs two samples of every class
+        raise UserError(f"--n must be at least two samples per class ({2 * classes}), got {args.n}")
     checkpoints = [f"{name}/teacher.pt" for name in names]
     out = harness.Outputs.of(args, "time_to_quality.json", *checkpoints)  # refused before any training
-    judge = harness.load_judge(args.dataset, args.data_dir, pick_device(args.device))
-    rows = [score(*train(name, changes, args, out), args, judge) for name, changes in variants]
-    cols = [(f"{m}_s{s:g}", f"{m} s={s:g}", "{:.3f}") for s in args.scales for m in ("accuracy", "fd")]
-    print(f"\n{torch.get_num_threads()} threads, {args.teacher_train_steps} train steps, n = {args.n}, "
-          f"{args.sampling_steps} DDIM steps")  # fmt: skip
-    harness.Table([("variant", "variant", "{}"), ("seconds", "wall s", "{:.0f}"),
-                   ("images_per_s", "train images/s", "{:.0f}"), *cols]).print(rows)  # fmt: skip
-    flags = {key: value for key, value in vars(args).items() if key != "command"}
-    out.json("time_to_quality.json", harness.record(args, pick_device(args.device), args=flags, rows=rows))
+    check_classifier_cache(args.dataset)
+    with output_lock(out.folder):  # a second run into the same folder is refused, not interleaved
+        judge = harness.load_judge(args.dataset, args.data_dir, pick_device(args.device))
+        rows = [score(*train(name, changes, cfg, args, out), args, judge)
+                for (name, changes), cfg in zip(variants, configs)]  # fmt: skip
+        cols = [(f"{m}_s{s:g}", f"{m} s={s:g}", "{:.3f}") for s in args.scales for m in ("accuracy", "fd")]
+        print(f"\n{torch.get_num_threads()} threads, {args.teacher_train_steps} train steps, n = {args.n}, "
+              f"{args.sampling_steps} DDIM steps")  # fmt: skip
+        harness.Table([("variant", "variant", "{}"), ("seconds", "wall s", "{:.0f}"),
+                       ("images_per_s", "train images/s", "{:.0f}"), *cols]).print(rows)  # fmt: skip
+        flags = {key: value for key, value in vars(args).items() if key != "command"}
+        out.json("time_to_quality.json", harness.record(args, pick_device(args.device), args=flags, rows=rows))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from cfg_minimal import build_model, pick_device
+from cfg_minimal import ARCHITECTURES, UserError, build_model, pick_device
 from cfg_minimal.distributed import device_name
 from cfg_minimal.loop import ema_update
 
@@ -65,9 +65,35 @@ def one_config(
     return batch / statistics.median(times[WARMUP_STEPS:]), times[0]
 
 
+PRECISIONS, SWITCHES = ("fp32", "tf32", "bf16"), ("channels_last", "compile")
+
+
+def check_args(args: argparse.Namespace, device: torch.device) -> None:
+    """Every --variants, --archs and --sizes means what it says on this device, before anything is timed."""
+    harness.require_positive(args, "repeats", "batch_sizes", "sizes")
+    for variant in args.variants:
+        precision, *switches = variant.split("+")
+        if precision not in PRECISIONS or not set(switches) <= set(SWITCHES) or len(set(switches)) < len(switches):
+            raise UserError(f"--variants {variant!r}: a variant is one of {', '.join(PRECISIONS)}, optionally with "
+                            f"+{' and +'.join(SWITCHES)} (e.g. bf16+channels_last)")  # fmt: skip
+        if precision != "fp32" and device.type != "cuda":
+            raise UserError(f"--variants {variant!r}: {precision} changes nothing on {device.type} (CUDA only), so "
+                            "its row would be fp32 under another name; use fp32 there")  # fmt: skip
+    for arch in args.archs:
+        if arch not in ARCHITECTURES:
+            raise UserError(f"--archs {arch!r}: unknown architecture; choose from {', '.join(ARCHITECTURES)}")
+        for size in args.sizes:
+            try:
+                with torch.no_grad():
+                    build_model(arch, image_size=size)(torch.zeros(1, 1, size, size), torch.zeros(1).long(),
+                                                       torch.zeros(1).long())  # fmt: skip
+            except (ValueError, RuntimeError) as err:
+                raise UserError(f"--archs {arch} cannot take --sizes {size} ({str(err).splitlines()[0]})") from None
+
+
 def run(args: argparse.Namespace) -> None:
-    harness.require_positive(args, "repeats", "batch_sizes")
     device = pick_device(args.device)
+    check_args(args, device)
     out = harness.Outputs.of(args, "train_throughput.json")
     print(f"device {device_name(device)}")
     TABLE.header()

@@ -6,6 +6,7 @@ from .data import DATASETS, Dataset, load_dataset, register_dataset
 from .distill import DistillConfig, distill_student, make_student
 from .distributed import pick_device
 from .errors import UserError
+from .flow import FlowMatchEulerScheduler, FlowMatchHeunScheduler
 from .guidance import CFG, Guider, GuiderState, cfg_combine, guided_noise_pred, guider_from_spec, s_to_w, w_to_s
 from .guiders import APG, Autoguidance, CFGZeroStar, TangentialCFG
 from .loop import OptimConfig, with_optim
@@ -18,6 +19,7 @@ from .train import TeacherConfig, train_teacher
 __all__ = [
     "APG", "Autoguidance", "CFG", "CFGZeroStar", "Guider", "GuiderState", "TangentialCFG", "guider_from_spec",
     "ARCHITECTURES", "DATASETS", "DDIMScheduler", "DDPMScheduler", "Dataset", "DiffusionModel", "DistillConfig",
+    "FlowMatchEulerScheduler", "FlowMatchHeunScheduler",
     "OptimConfig", "Pipeline", "StepDistillConfig", "TeacherConfig", "UserError", "build_model", "cfg_combine",
     "distill_student", "distributed", "guided_noise_pred", "halve_sampling_steps", "load_checkpoint", "load_dataset",
     "load_pipeline", "make_student", "model_from_checkpoint", "pick_device", "register_dataset", "s_to_w",

@@ -130,6 +130,9 @@ def load_dataset(name: str, data_dir: str | Path = "./data", train: bool = True,
     """Load a dataset as (N, C, H, W) float images in [-1, 1] and int64 labels."""
     info = dataset_info(name)
     x01, y = info.loader(str(data_dir), train, download)
+    if not (isinstance(x01, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise UserError(f"the loader of dataset {name!r} must return (images, labels) as torch tensors, got "
+                        f"{type(x01).__name__} and {type(y).__name__}")  # fmt: skip
     if len(y) == 0 or y.min() < 0 or y.max() >= info.num_classes:
         raise UserError(
             f"the {name} files in --data-dir {str(data_dir)!r} hold labels outside 0..{info.num_classes - 1} "

@@ -9,6 +9,9 @@ Guider, including one of your own), so the student learns, say, APG's or TCFG's 
 The student is the teacher's architecture plus a guidance embedder (embeddings.Conditioning) whose
 last layer is zero, and every teacher weight is copied: it starts as the teacher's conditional
 prediction eps_c for s >= 1 and as eps_u at s = 0 (the label fades in over s in [0, 1]).
+The student predicts what its teacher predicts (eps, v, or a rectified-flow velocity, as FLUX.1-dev's
+guidance-distilled student does) and the loss draws (t, x_t) as the teacher's training did (train.training_point:
+the teacher's process and, for flow, its timestep_sampling), so a flow teacher needs nothing else.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import dataset_metadata, load_checkpoint, model_from_checkpoint, weights_fingerprint
+from .checks import check_schedule
 from .data import load_dataset
 from .errors import UserError
 from .guidance import GUIDERS, Guider, guided_noise_pred, guider_from_spec
-from .guiders import SCHEDULES, scheduled_scale
+from .guiders import scheduled_scale
 from .loop import FitResult, LossFn, OptimConfig, fit, with_optim
 from .models import DiffusionModel, build_model
 from .recipes import recipe
 from .resume import existing_run, resume_config
-from .schedulers import DDPMScheduler
+from .schedulers import DDPMScheduler, FlowMatchEulerScheduler, training_scheduler
+from .train import training_point
 
 
 @dataclass
@@ -65,15 +70,20 @@ def sample_scales(n: int, cfg: DistillConfig, device: torch.device | str = "cpu"
     return torch.where((u >= cfg.p_s0) & (u < cfg.p_s0 + cfg.p_s1), torch.ones_like(s), s)
 
 
-def distillation_loss(teacher: DiffusionModel, scheduler: DDPMScheduler, cfg: DistillConfig) -> LossFn:
-    """MSE between the student's one-pass prediction and the teacher's guided prediction, at random (t, s).
+def distillation_loss(
+    teacher: DiffusionModel,
+    scheduler: DDPMScheduler | FlowMatchEulerScheduler,
+    cfg: DistillConfig,
+    timestep_sampling: str = "uniform",
+) -> LossFn:
+    """MSE between the student's one-pass prediction and the teacher's guided prediction, at random (t, s), with
+    (t, x_t) drawn as the teacher's process does (`timestep_sampling`: the teacher's, for a flow teacher).
 
     `student` may be wrapped in DDP; the teacher is not (it only runs forward, the same on every rank)."""
     guider = target_guider(cfg)
 
     def loss_fn(student: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)  # (B,)
-        x_t = scheduler.add_noise(x0, torch.randn_like(x0), t)  # (B, C, H, W)
+        t, x_t, _ = training_point(scheduler, x0, timestep_sampling)  # (B,), (B, C, H, W)
         s = sample_scales(x0.shape[0], cfg, x0.device)  # (B,)
         with torch.no_grad():
             target = distillation_target(teacher, x_t, t, y, s, guider, cfg.schedule, scheduler.num_train_timesteps)
@@ -89,6 +99,8 @@ def target_guider(cfg: DistillConfig) -> Guider:
     (x_t, t, y, s): CFG, APG without momentum, CFG-Zero*'s optimised scale, TCFG, and any schedule (a
     function of t). The rule says so itself (`Guider.distillable`): APG's momentum and CFG-Zero*'s
     zero-init depend on the earlier steps of a sampling run, autoguidance needs a second network."""
+    if not isinstance(cfg.guider, str):
+        raise UserError(f"DistillConfig.guider is a spec such as 'apg:eta=0', got {type(cfg.guider).__name__}")
     name = cfg.guider.partition(":")[0].strip()
     if name in GUIDERS and GUIDERS[name].needs_guide_model:
         raise UserError(f"cannot distil the {name!r} guider into a student: it runs a second network at every step")
@@ -96,8 +108,7 @@ def target_guider(cfg: DistillConfig) -> Guider:
     if not guider.distillable:
         raise UserError(f"cannot distil {cfg.guider!r}: it carries state across the sampling steps of a run "
                         "(APG's momentum, CFG-Zero*'s zero-init), and a student learns single steps")  # fmt: skip
-    if cfg.schedule not in SCHEDULES:
-        raise UserError(f"unknown guidance schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    check_schedule(cfg.schedule)
     return guider
 
 
@@ -114,7 +125,7 @@ def distillation_target(
     """The prediction (B, C, H, W) the student model(x_t, t, y, s) learns: the teacher's guided prediction at
     the scale s (B,), through the schedule's s_t and the guider's rule (guided_noise_pred, as the sampler)."""
     s_t = scheduled_scale(s, t, num_train_timesteps, schedule)  # (B,), s itself when constant
-    return guided_noise_pred(teacher, x_t, t, y, s_t, guider)
+    return guided_noise_pred(teacher, x_t, t, y, s_t, guider=guider)
 
 
 def distill_student(
@@ -124,6 +135,9 @@ def distill_student(
 
     if_exists='resume' continues an existing student.pt, of the same teacher only (compared by weights)."""
     teacher_ckpt = load_checkpoint(teacher_path, kind="teacher")
+    if teacher_ckpt["model_config"].get("guidance_embed"):  # trained with GFT (guidance_free.py)
+        raise UserError(f"{str(teacher_path)!r} was trained with guidance-free training (objective gft): it takes "
+                        "s as an input and samples in one pass already, so there is nothing to distil")  # fmt: skip
     check_guidance_range(cfg)
     target_guider(cfg)  # a guider a student cannot learn fails now, not at the first train step
     path = Path(out_dir) / "student.pt"
@@ -150,7 +164,8 @@ def distill_student(
         guidance_range=[cfg.s_min, cfg.s_max], distill_config=asdict(cfg),
         teacher_config=teacher_ckpt["teacher_config"], teacher_fingerprint=fingerprint,
     )  # fmt: skip
-    loss_fn = distillation_loss(teacher, DDPMScheduler(**teacher_ckpt["scheduler_config"]), cfg)
+    sampling = teacher_ckpt["teacher_config"].get("timestep_sampling") or "uniform"  # older teachers: uniform
+    loss_fn = distillation_loss(teacher, training_scheduler(teacher_ckpt["scheduler_config"]), cfg, sampling)
     return fit(student, loss_fn, data, path, metadata, cfg.optim, resume_from, progress)
 
 

@@ -11,13 +11,15 @@ measures with a small classifier trained on the real data (classifier.py):
   cost       network evaluations per image (2 per step for a guided teacher, 1 for a student
              or at s in {0, 1}) and wall time per image
 Writes metrics.json, guidance_sweep.png (accuracy, FD and diversity against s, and the FD-accuracy
-frontier) and samples_by_scale.png.
+frontier) and samples_by_scale.png into --out (default: eval/ next to the first checkpoint); files that
+are there already are refused, before any sampling, unless --overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -29,15 +31,17 @@ from typing import Any
 import torch
 
 from .checkpoint import writable_folder
-from .classifier import Classifier, load_or_train_classifier
+from .classifier import Classifier, cache_path, load_or_train_classifier
 from .data import load_dataset
 from .distributed import pick_device
-from .errors import UserError, report
+from .errors import UserError, report, user_message
 from .metrics import ClassifierStats, accuracy, class_diversity, classifier_stats, frechet_distance
 from .plotting import plot_guidance_sweep, save_scale_grid
+from .resume import MAX_SEED
 from .sampling import DEFAULT_SAMPLING_STEPS, Pipeline, load_pipeline
 
 CACHE_DIR = Path(os.environ.get("CFG_MINIMAL_CACHE", Path.home() / ".cache" / "cfg_minimal"))
+SWEEP_FILES = ("metrics.json", "guidance_sweep.png", "samples_by_scale.png")  # what write_sweep writes
 
 
 def generate(
@@ -53,9 +57,9 @@ def generate(
     """n samples with labels 0, 1, ..., K-1, 0, 1, ... from the noise of `seed` -> (images, labels, seconds),
     sampled `batch_size` at a time. `variants`: the Pipeline's guidance keyword arguments."""
     labels = torch.arange(n) % pipe.num_classes  # (n,)
-    x_T = pipe.initial_noise(n, seed)  # (n, C, H, W)
-    start = time.perf_counter()
-    images = replace(pipe, max_batch_size=batch_size)(labels, scale, num_steps, x_T=x_T, progress=progress, **variants)
+    start = time.perf_counter()  # x_T and any sampler noise per sample, from `seed` (Pipeline.noise_generators)
+    images = replace(pipe, max_batch_size=batch_size)(labels, scale, num_steps, generator=seed, progress=progress,
+                                                      **variants)  # fmt: skip
     return images.cpu(), labels, time.perf_counter() - start
 
 
@@ -72,10 +76,12 @@ def sweep(
     data_dir: str | Path = "./data",
     classifier: tuple[Classifier, float] | None = None,
     progress: bool = True,
+    batch_size: int = 500,
 ) -> tuple[dict[str, Any], dict[str, dict[float, torch.Tensor]]]:
     """Measure every pipeline at every scale -> (metrics dict for JSON, images[name][scale]).
 
-    num_steps=None samples each pipeline with its own sampling steps (a step-distilled student's)."""
+    num_steps=None samples each pipeline with its own sampling steps (a step-distilled student's);
+    `batch_size` images are sampled at a time."""
     first = next(iter(pipes.values()))
     if len({(p.dataset, p.image_size, p.channels) for p in pipes.values()}) > 1:
         raise UserError("the checkpoints of one sweep must come from the same dataset")
@@ -89,7 +95,7 @@ def sweep(
         rows, images[name] = [], {}
         steps = num_steps or pipe.sampling_steps
         for s in scales:
-            x, labels, seconds = generate(pipe, n, s, steps, seed)
+            x, labels, seconds = generate(pipe, n, s, steps, seed, batch_size)
             rows.append(dict(
                 scale=s, sampling_steps=steps, **judge(x, labels),
                 evals_per_image=evals_per_image(pipe, s, steps), seconds_per_image=seconds / n,
@@ -146,6 +152,8 @@ class Judge:
         classifier: tuple[Classifier, float] | None = None,
     ) -> Judge:
         """The cached classifier of `dataset` (trained on first use), or the given (classifier, test accuracy)."""
+        if classifier is None:
+            check_classifier_cache(dataset)  # before minutes of training, not after
         classifier, test_accuracy = classifier or load_or_train_classifier(
             dataset, data_dir, CACHE_DIR, device, progress
         )
@@ -156,6 +164,36 @@ class Judge:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return score(self.classifier, self.real_stats, self.real_diversity, images, labels)
+
+
+def check_writable(folder: str | Path) -> Path:
+    """`folder` as a Path when it takes files, or could be made to, else writable_folder's UserError; unlike
+    writable_folder it leaves no folder behind that was not there (a refusal changes nothing)."""
+    folder = Path(folder)
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        return writable_folder(folder)
+    finally:
+        for path in missing:
+            try:
+                path.rmdir()
+            except OSError:  # not made, or not empty
+                pass
+
+
+def check_classifier_cache(dataset: str) -> None:
+    """A UserError now, before any training or sampling, when the evaluation classifier of `dataset` is not
+    cached yet and CACHE_DIR (CFG_MINIMAL_CACHE) cannot be written: it would be trained, then not saved."""
+    if cache_path(CACHE_DIR, dataset).is_file():
+        return
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        (CACHE_DIR / ".write_test").touch()
+        (CACHE_DIR / ".write_test").unlink()
+    except OSError as err:
+        raise UserError(f"the evaluation classifier of {dataset} is trained once and cached in {str(CACHE_DIR)!r}, "
+                        f"which cannot be written ({err.strerror or err}); set CFG_MINIMAL_CACHE to a writable "
+                        "folder") from None  # fmt: skip
 
 
 def relative_l2(images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -184,7 +222,7 @@ def model_names(paths: Sequence[str], pipes: Sequence[Pipeline]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(p) for p in paths]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cfg_minimal.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint (repeat for several)")
@@ -192,29 +230,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="samples per scale and checkpoint")
     p.add_argument("--sampling-steps", type=int, default=None,
                    help="DDIM steps (default: each checkpoint's own, 50 unless step-distilled)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=500, help="images sampled at once (default: 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="output folder (default: next to the first checkpoint)")
+    p.add_argument("--out", default=None, help="output folder (default: eval/ next to the first checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier sweep in --out")
     args = p.parse_args(argv)
     if args.n < 2 or (args.sampling_steps is not None and args.sampling_steps < 1):
         p.error("--n must be at least 2 and --sampling-steps at least 1")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if not all(math.isfinite(s) for s in args.scales):
+        p.error(f"--scales must be finite numbers, got {args.scales}")
+    if not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
+    if len(set(args.ckpt)) < len(args.ckpt) or len(set(args.scales)) < len(args.scales):
+        p.error("each --ckpt and each of --scales once: a repeated one would be measured twice under one name")
+    return args
+
+
+def sweep_folder(out: Path, overwrite: bool) -> Path:
+    """`out`, writable, holding none of SWEEP_FILES (unless overwrite): checked before anything is sampled."""
+    taken = [out / name for name in SWEEP_FILES if (out / name).exists()]
+    if taken and not overwrite:
+        raise UserError(f"{taken[0]} already exists; pass --overwrite to replace it, or choose another --out")
+    return check_writable(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         device = pick_device(args.device)
         pipes = [load_pipeline(path, device=device) for path in args.ckpt]
         if args.n < 2 * pipes[0].num_classes:
             raise UserError(f"--n must be at least two samples per class ({2 * pipes[0].num_classes}), got {args.n}")
         named = dict(zip(model_names(args.ckpt, pipes), pipes))
-        out = writable_folder(Path(args.out) if args.out else Path(args.ckpt[0]).parent)
-        metrics, images = sweep(named, args.scales, args.n, args.sampling_steps, args.seed, args.data_dir)
+        out = sweep_folder(Path(args.out) if args.out else Path(args.ckpt[0]).parent / "eval", args.overwrite)
+        check_classifier_cache(pipes[0].dataset)
+        metrics, images = sweep(named, args.scales, args.n, args.sampling_steps, args.seed, args.data_dir,
+                                batch_size=args.batch_size)  # fmt: skip
         write_sweep(metrics, images, pipes[0], out)
     except Exception as err:  # a user's mistake: one line, exit code 2
+        if (user_message(err) or "").startswith("ran out of memory"):  # the advice this command can give
+            err = UserError(f"ran out of memory sampling {args.batch_size} images at once; lower --batch-size")
         return report(err)
     return 0
 
 
 def write_sweep(metrics: dict[str, Any], images: dict, pipe: Pipeline, out: Path) -> None:
-    """metrics.json, guidance_sweep.png and samples_by_scale.png in `out`."""
+    """metrics.json, guidance_sweep.png and samples_by_scale.png in `out` (made if need be)."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_guidance_sweep(metrics, out / "guidance_sweep.png")
     save_samples_by_scale(images, pipe.num_classes, pipe.class_names, out / "samples_by_scale.png")

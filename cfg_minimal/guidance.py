@@ -2,7 +2,8 @@
 
     pred = pred_u + s * (pred_c - pred_u)        pred_u = model(x, t, null),  pred_c = model(x, t, y)
 
-That is `cfg_combine`, and `CFG.combine` below is nothing else. A rule is one small class (`Guider`):
+That is `cfg_combine`, and `CFG.combine` below is that (and an optional rescale). A rule is one small class
+(`Guider`):
 which passes it needs at the scale s (`passes`), the labels of its guiding pass (`guide_labels`), and
 how it combines the two predictions at a step (`combine`, with a per-run `GuiderState`). The sampler
 and the distillation target both call `guided_noise_pred`, so they cannot disagree. A new rule is a
@@ -24,6 +25,7 @@ subclass with a `name`, in any file: `guider_from_spec("name:setting=value")` fi
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
@@ -35,9 +37,14 @@ from .models import DiffusionModel
 
 def cfg_combine(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """pred = pred_u + s * (pred_c - pred_u)   (Ho & Salimans 2022, eq. 6 with w = s - 1); s a float or (B,)."""
-    if isinstance(scale, torch.Tensor) and scale.ndim == 1:
-        scale = scale.view(-1, *([1] * (pred_cond.ndim - 1)))  # (B, 1, 1, 1)
-    return pred_uncond + scale * (pred_cond - pred_uncond)
+    return pred_uncond + per_sample(scale, pred_cond) * (pred_cond - pred_uncond)
+
+
+def per_sample(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A (B,) tensor -> (B, 1, 1, 1), to broadcast against `like` (B, C, H, W); a number stays a number."""
+    if isinstance(value, torch.Tensor) and value.ndim == 1:
+        return value.view(-1, *([1] * (like.ndim - 1)))  # (B, 1, 1, 1)
+    return value
 
 
 def w_to_s(w: float) -> float:
@@ -51,6 +58,7 @@ def s_to_w(s: float) -> float:
 
 
 GUIDERS: dict[str, type[Guider]] = {}  # spec name -> class; a subclass with a `name` adds itself
+SETTING_KINDS = {bool: "bool", int: "whole number", float: "finite number", str: "text"}  # a setting's types
 
 
 @dataclass
@@ -65,16 +73,28 @@ class GuiderState:
 
 @dataclass(frozen=True, eq=False)
 class Guider:
-    """One guidance rule and its settings. Every setting's default is its neutral value, and each rule says
-    whether a student can learn it (`distillable`) and whether it runs a second network (`needs_guide_model`)."""
+    """One guidance rule and its settings (fields with a number, bool or text default; a spec sets them). Each
+    rule says whether a student can learn it (`distillable`) and whether it runs a second network
+    (`needs_guide_model`)."""
 
     name: ClassVar[str] = ""
     needs_guide_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name:
+        if cls.__dict__.get("name"):  # its own name: a subclass of CFG without one does not replace "cfg"
             GUIDERS[cls.name] = cls
+
+    def __post_init__(self):
+        """Each setting of the type of its default (a float finite), or a UserError naming it; a subclass
+        that checks more calls this first."""
+        for f in settings(type(self)):
+            value, kind = getattr(self, f.name), type(f.default)
+            if not _fits(value, kind):
+                raise UserError(f"{type(self).__name__}'s {f.name} must be a {SETTING_KINDS[kind]}, got {value!r}")
+
+    def check_run(self, num_steps: int) -> None:
+        """A UserError if the settings cannot work in a sampling run of num_steps steps (none by default)."""
 
     @property
     def distillable(self) -> bool:
@@ -87,8 +107,13 @@ class Guider:
         return False
 
     def scale_at(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The scale used at timesteps t (B,): s (B,) itself unless a rule varies it."""
+        """The scale used at timesteps t (B,): s (B,) itself unless a rule varies it (then `scale_varies`)."""
         return s
+
+    @property
+    def scale_varies(self) -> bool:
+        """Whether `scale_at` changes s with t (if not, a scale given as a number is one for every row)."""
+        return type(self).scale_at is not Guider.scale_at
 
     def passes(self, s: torch.Tensor, state: GuiderState) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) bool each: the rows whose result reads pred_c, and those that read the guiding pass. A pass that
@@ -106,12 +131,6 @@ class Guider:
     def combine(self, pred_g: torch.Tensor, pred_c: torch.Tensor, s: torch.Tensor, state: GuiderState) -> torch.Tensor:
         """The guided prediction (B, C, H, W) from the guiding pass, the conditional pass and s (B,)."""
         raise NotImplementedError
-
-    def spec(self) -> str:
-        """The text `guider_from_spec` turns back into this guider: 'name:setting=value,...'."""
-        changed = [f"{f.name}={getattr(self, f.name)}" for f in settings(type(self))
-                   if getattr(self, f.name) != f.default]  # fmt: skip
-        return ":".join([self.name, ",".join(changed)]) if changed else self.name
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,9 +150,18 @@ class CFG(Guider):
         guided = cfg_combine(pred_g, pred_c, s)
         return rescale_guidance(guided, pred_c, self.rescale) if self.rescale != 0 else guided
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.rescale <= 1:
+            raise UserError(f"CFG's rescale must be a number in [0, 1] (0 is off), got {self.rescale!r}")
+
     def passes(self, s: torch.Tensor, state: GuiderState) -> tuple[torch.Tensor, torch.Tensor]:
         need_c = s != 0 if self.rescale == 0 else torch.ones_like(s, dtype=torch.bool)  # rescale reads pred_c
-        return need_c, s != 1  # s = 0: pred_u alone, s = 1: pred_c alone, both exact
+        return need_c, s != 1  # s = 0: pred_u alone, s = 1: pred_c alone (exact, without rescale)
+
+    @property
+    def scale_varies(self) -> bool:
+        return self.interval is not None
 
     def scale_at(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return s if self.interval is None else interval_scale(s, t, self.interval)
@@ -181,6 +209,7 @@ def guided_noise_pred(
     t: torch.Tensor,
     y: torch.Tensor,
     scale: float | torch.Tensor,
+    *,
     guider: Guider | None = None,
     state: GuiderState | None = None,
     batched: bool = True,
@@ -194,8 +223,7 @@ def guided_noise_pred(
     the distillation config)."""
     guider = CFG() if guider is None else guider
     state = GuiderState() if state is None else state
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
-    s = guider.scale_at(s, t)
+    s = guider.scale_at(scale_tensor(scale, x.shape[0], x.device), t)  # (B,)
     if model.is_student:
         pred = model(x, t, y, guidance=s)
     else:
@@ -207,16 +235,27 @@ def guided_noise_pred(
     return pred
 
 
+def scale_tensor(scale: float | torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """A number or a (B,) tensor -> float32 (B,) on `device`. A number is filled in on the device (a copy
+    from the host would make a GPU wait at every sampling step)."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=device, dtype=torch.float32).expand(batch_size)
+    return torch.full((batch_size,), float(scale), device=device)
+
+
 def _needed_passes(
     guider: Guider, scale: float | torch.Tensor, s: torch.Tensor, state: GuiderState
 ) -> tuple[bool | torch.Tensor, bool | torch.Tensor]:
-    """The guider's passes, as one bool per pass where every row shares a scale given as a number (the host
-    knows then, and a pass that no row reads is skipped), else as (B,) masks: both passes run for every
-    row, which keeps the batch's shape fixed, so a GPU never waits for the host to count rows."""
+    """The guider's passes: one bool per pass where the host knows the rows share a scale given as a number
+    (a pass that no row reads is then skipped), else (B,) masks: both passes run for every row, which
+    keeps the batch's shape fixed, so a GPU never waits for the host to count rows. A rule whose scale
+    varies with t (CFG's interval) with a number: read back from the device (a sync; intervals are opt-in)."""
     if isinstance(scale, torch.Tensor):
         need_c, need_g = guider.passes(s, state)
-    else:  # s is one number for all rows, unless an interval splits them (a host sync; intervals are opt-in)
-        shared = s[:1].cpu() if bool((s == s[0]).all()) else s.cpu()
+    else:
+        shared = torch.tensor([float(scale)])  # (1,) on the host
+        if guider.scale_varies:
+            shared = s[:1].cpu() if bool((s == s[0]).all()) else s.cpu()
         masks = guider.passes(shared, state)
         need_c, need_g = (bool(m.all()) if len(shared) == 1 else m.to(s.device) for m in masks)
     return need_c, (True if state.keep_guide_pass else need_g)
@@ -254,8 +293,20 @@ def _rows_or_zero(pred: torch.Tensor | None, need: bool | torch.Tensor, zero: to
     if pred is None:
         return zero
     if isinstance(need, torch.Tensor):
-        return torch.where(need.view(-1, *([1] * (pred.ndim - 1))), pred, zero)  # (B, C, H, W)
+        return torch.where(per_sample(need, pred), pred, zero)  # (B, C, H, W)
     return pred
+
+
+def _fits(value: object, kind: type) -> bool:
+    """Whether a setting's value has its default's type: bool and text exactly, a whole number for int,
+    a finite real number for float (a bool is neither)."""
+    if kind in (bool, str):
+        return isinstance(value, kind)
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def settings(cls: type[Guider]) -> list:
@@ -270,7 +321,8 @@ def guider_from_spec(spec: str, guide_model: DiffusionModel | None = None) -> Gu
     anything else is a UserError naming them. A rule that needs a guide model gets `guide_model`."""
     from . import guiders  # noqa: F401  (the rules beyond CFG register themselves on import)
 
-    name, _, text = spec.strip().partition(":")
+    name, _, text = spec.partition(":")
+    name = name.strip()
     if name not in GUIDERS:
         hint = "; CFG++ is a sampler: --sampler ddim-cfg++" if name == "cfg++" else ""
         raise UserError(f"unknown guider {name!r}; choose one of {', '.join(GUIDERS)}{hint}")
@@ -283,6 +335,8 @@ def guider_from_spec(spec: str, guide_model: DiffusionModel | None = None) -> Gu
         if not eq or key not in own:
             raise UserError(f"guider {name!r} takes the settings name=value with name one of: "
                             f"{', '.join(own) or 'none'}; got {item!r}")  # fmt: skip
+        if key in kwargs:
+            raise UserError(f"guider spec {spec!r} sets {key} twice; give each setting once")
         kwargs[key] = _parse_setting(key, value.strip(), type(own[key].default))
     if cls.needs_guide_model:
         if guide_model is None:

@@ -49,15 +49,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .guidance import Guider, GuiderState, cfg_combine
+from .guidance import Guider, GuiderState, cfg_combine, per_sample
 from .models import DiffusionModel
 
 SCHEDULES = ("constant", "linear", "cosine")
-
-
-def _per_sample(s: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
-    """A (B,) scale -> (B, 1, 1, 1), to broadcast against `like` (B, C, H, W); a float stays a float."""
-    return s.view(-1, *([1] * (like.ndim - 1))) if isinstance(s, torch.Tensor) and s.ndim == 1 else s
 
 
 def project(v: torch.Tensor, onto: torch.Tensor) -> torch.Tensor:
@@ -98,23 +93,24 @@ def apg(
         update = update * (norm_threshold / norm).clamp(max=1.0)
     if eta != 1:
         update = update - (1 - eta) * project(update, eps_c)  # D_orth + eta D_par
-    s = _per_sample(s, eps_c)
+    s = per_sample(s, eps_c)
     return cfg_combine(eps_u, eps_c, s) + (s - 1) * (update - diff)
 
 
 def zero_star_scale(eps_u: torch.Tensor, eps_c: torch.Tensor) -> torch.Tensor:
     """CFG-Zero*'s optimised scale (Fan et al. 2025): a* = <eps_c, eps_u> / ||eps_u||^2 per sample,
-    the a that brings a eps_u closest to eps_c -> (B, 1, 1, 1). 1e-8 keeps a skipped (zero) eps_u finite."""
-    dot = (eps_c.flatten(1) * eps_u.flatten(1)).sum(dim=1)  # (B,)
-    a = dot / (eps_u.flatten(1).pow(2).sum(dim=1) + 1e-8)  # (B,)
-    return a.view(-1, *([1] * (eps_u.ndim - 1)))
+    the a that brings a eps_u closest to eps_c -> (B, 1, 1, 1), summed in float32 (bf16 would round the
+    sums of C*H*W products). 1e-8 keeps a skipped (zero) eps_u finite."""
+    u, c = eps_u.flatten(1).float(), eps_c.flatten(1).float()  # (B, C*H*W)
+    a = (c * u).sum(dim=1) / (u.pow(2).sum(dim=1) + 1e-8)  # (B,)
+    return per_sample(a.to(eps_u.dtype), eps_u)
 
 
 def cfg_zero_star(eps_u: torch.Tensor, eps_c: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
     """CFG-Zero* without its zero-init (Fan et al. 2025, "CFG-Zero*: Improved Classifier-Free Guidance for
     Flow Matching Models"; diffusers' ClassifierFreeZeroStarGuidance):
         eps = a* eps_u + s (eps_c - a* eps_u),   a* from `zero_star_scale`."""
-    return cfg_combine(zero_star_scale(eps_u, eps_c) * eps_u, eps_c, _per_sample(s, eps_c))
+    return cfg_combine(zero_star_scale(eps_u, eps_c) * eps_u, eps_c, s)
 
 
 def tangential_cfg(eps_u: torch.Tensor, eps_c: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
@@ -126,26 +122,36 @@ def tangential_cfg(eps_u: torch.Tensor, eps_c: torch.Tensor, s: float | torch.Te
     pair = torch.stack([eps_c.flatten(1), eps_u.flatten(1)], dim=1).float()  # (B, 2, C*H*W)
     v1 = torch.linalg.svd(pair, full_matrices=False).Vh[:, 0]  # (B, C*H*W), its sign cancels below
     eps_u_proj = ((eps_u.flatten(1).float() * v1).sum(dim=1, keepdim=True) * v1).view_as(eps_u).to(eps_u.dtype)
-    return cfg_combine(eps_u_proj, eps_c, _per_sample(s, eps_c))
+    return cfg_combine(eps_u_proj, eps_c, per_sample(s, eps_c))
 
 
 def scheduled_scale(scale: torch.Tensor, t: torch.Tensor, num_train_timesteps: int, schedule: str) -> torch.Tensor:
     """Guidance-weight schedules (Wang et al. 2024, "Analysis of Classifier-Free Guidance Weight
-    Schedulers", its heuristic increasing schedules): the guidance weight w = s - 1 ramps with
+    Schedulers", its heuristic increasing schedules): for s > 1 the guidance weight w = s - 1 ramps with
     the sampling progress u = 1 - t / T (0 at pure noise, 1 at the data), keeping its mean over t:
         constant  s_t = s
         linear    s_t = 1 + (s - 1) 2 u
         cosine    s_t = 1 + (s - 1) (1 - cos(pi u))
-    so the first steps are nearly conditional and the last ones guided about twice as hard. scale (B,),
-    t (B,) -> (B,)."""
+    so the first steps are nearly conditional and the last ones guided about twice as hard. A scale in
+    [0, 1] (between the unconditional and the conditional model: nothing to ramp) stays constant, so s = 0
+    is exactly unconditional and s = 1 exactly conditional under every schedule. scale (B,), t (B,) -> (B,)."""
     if schedule == "constant":
         return scale
     u = 1.0 - t.to(scale.dtype) / num_train_timesteps  # (B,) sampling progress
     if schedule == "linear":
         ramp = 2 * u
-    else:  # cosine
+    elif schedule == "cosine":
         ramp = 1 - torch.cos(math.pi * u)
-    return 1 + (scale - 1) * ramp  # (B,)
+    else:
+        raise UserError(f"unknown guidance schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return torch.where(scale > 1, 1 + (scale - 1) * ramp, scale)  # (B,)
+
+
+def scheduled_range(scale_min: float, scale_max: float, schedule: str) -> tuple[float, float]:
+    """The range s_t covers over a run for s in [scale_min, scale_max]: a ramp reaches 1 + 2 (s - 1)."""
+    if schedule == "constant":
+        return scale_min, scale_max
+    return min(scale_min, 1.0), max(scale_max, 1 + 2 * (scale_max - 1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,8 +164,12 @@ class APG(Guider):
     momentum: float = 0.0  # beta (the paper: -0.5 ... -0.75); carries state across sampling steps
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.norm_threshold >= 0:
             raise UserError(f"APG's norm_threshold must be >= 0 (0 is off), got {self.norm_threshold}")
+        if not -1 < self.momentum < 1:
+            raise UserError(f"APG's momentum beta must lie in (-1, 1) (the paper: -0.5 ... -0.75), got "
+                            f"{self.momentum}: |beta| >= 1 lets the running average grow without bound")  # fmt: skip
 
     @property
     def distillable(self) -> bool:
@@ -183,8 +193,14 @@ class CFGZeroStar(Guider):
     zero_init_steps: int = 0  # K
 
     def __post_init__(self):
+        super().__post_init__()
         if self.zero_init_steps < 0:
             raise UserError(f"zero_init_steps must be >= 0, got {self.zero_init_steps}")
+
+    def check_run(self, num_steps: int) -> None:
+        if self.zero_init_steps >= num_steps:
+            raise UserError(f"CFG-Zero*'s zero_init_steps ({self.zero_init_steps}) must be below the {num_steps} "
+                            "sampling steps, or every step predicts zero: one image for every label")  # fmt: skip
 
     @property
     def distillable(self) -> bool:
@@ -222,6 +238,7 @@ class Autoguidance(Guider):
     guide_model: DiffusionModel | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.guide_model, DiffusionModel):
             raise UserError("autoguidance needs a weaker guiding model (--guide-ckpt)")
 

@@ -1,7 +1,9 @@
 """The one training loop that the three stages share: teacher, guidance distillation, step distillation.
 
 A stage hands `fit` a model, a loss `loss_fn(model, x_0 (B, C, H, W), y (B,)) -> scalar` and an
-`OptimConfig`. `fit` runs AdamW (linear warm-up, cosine decay to a tenth), keeps an EMA of the
+`OptimConfig`. A loss that needs the run itself (guidance_free.ModelGuidanceLoss: the EMA weights, the train
+step) has a method `bind_run(run)`, which `fit` calls once with its `Run`, set up (and restored), before the first
+train step. `fit` runs AdamW (linear warm-up, cosine decay to a tenth), keeps an EMA of the
 weights for sampling, and writes a checkpoint atomically every `checkpoint_every` train steps, at the
 end and on Ctrl-C / SIGTERM, with the optimizer, EMA and RNG state, so a resumed run continues
 exactly where the interrupted one stopped.
@@ -80,6 +82,8 @@ def fit(
     net = prepare(model, device, optim)  # what the loss calls: model, or a compiled / DDP wrapper of it
     batches = Batches(data, optim.batch_size, optim.seed, device, optim.channels_last)
     run = Run(model, optim, path, metadata, batches, resume_from, progress, log_every)
+    if hasattr(loss_fn, "bind_run"):  # a loss that reads the run: its EMA weights, its train step (model guidance)
+        loss_fn.bind_run(run)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with stop_requests() as stop_requested:
         for step in range(run.train_step, run.max_train_steps):
@@ -164,6 +168,7 @@ class Run:
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
         self.train_step, self.losses = 0, []
+        self.lr_history = [[0, optim.lr]]  # [train_step, lr] at each change of the learning rate (resume.py)
         self.window_sum, self.window_len = torch.zeros(()), 0  # the losses since the last logged mean
         self.saved_step: int | None = None  # the train step of this run's last checkpoint
         self.world, self.rank = distributed.world_size(), distributed.rank()
@@ -238,6 +243,7 @@ class Run:
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                 "losses": self.losses, "loss_window_sum": float(self.window_sum), "loss_window_len": self.window_len,
+                "lr_history": self.lr_history,
                 **extra,
             })  # fmt: skip
         self.saved_step = self.train_step
@@ -249,6 +255,7 @@ class Run:
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.train_step, self.losses = ckpt["train_step"], list(ckpt["losses"])
+        self.lr_history = [list(change) for change in ckpt.get("lr_history") or self.lr_history]
         self.window_sum = torch.tensor(float(ckpt["loss_window_sum"]))
         self.window_len = int(ckpt["loss_window_len"])
         self.saved_step = self.train_step

@@ -24,6 +24,7 @@ from .errors import UserError
 
 StageConfig = TypeVar("StageConfig")  # TeacherConfig, DistillConfig or StepDistillConfig
 
+MAX_SEED = 2**63 - 1  # the largest seed a CLI takes: torch's generators take 64 bits, the stages add small offsets
 IF_EXISTS = ("error", "resume", "overwrite")  # what a stage does with a checkpoint already at its path
 
 
@@ -58,19 +59,20 @@ def resume_config(
 ) -> StageConfig:
     """The config a resumed run continues with: the one stored in ckpt[key], with CHANGEABLE_ON_RESUME
     from `requested` (max_train_steps where given: more train steps extend the run, the cosine decay
-    stretched to the new end). Any other difference is a UserError: a run never silently continues
-    with settings other than the ones the command asks for."""
+    stretched to the new end). A field `requested` leaves None (arch, max_train_steps) takes the stored
+    value. Any other difference is a UserError: a run never silently continues with settings other than
+    the ones the command asks for. A new learning rate is added to ckpt['lr_history'], [[train_step, lr], ...]."""
     optim_cls = type(requested.optim)  # OptimConfig, not imported: loop.py imports this module
     stored = cls(**{**ckpt[key], "optim": optim_cls(**ckpt[key]["optim"])})
-    before, now = _flat(asdict(stored)), _flat(asdict(requested))
-    if now["optim.max_train_steps"] is None:
-        now["optim.max_train_steps"] = before["optim.max_train_steps"]
+    before, now = flat_config(asdict(stored)), flat_config(asdict(requested))
+    now = {k: before[k] if now.get(k) is None else now[k] for k in before}  # left out: the stored value
     differ = [k for k in before if k not in CHANGEABLE_ON_RESUME + also_changeable and now[k] != before[k]]
     if differ:
         raise UserError(
             f"--resume: this run was trained with {', '.join(f'{k}={before[k]}' for k in differ)}, but this command "
-            f"asks for {', '.join(f'{k}={now[k]}' for k in differ)}. Pass the same settings (only train steps, "
-            "the learning rate, paths, the device and the checkpoint interval may change), or choose another --out"
+            f"asks for {', '.join(f'{k}={now[k]}' for k in differ)}. Pass the settings it was trained with (only "
+            "train steps, the learning rate, paths, the device and the checkpoint interval may change), or choose "
+            "another --out"
         )
     if now["optim.max_train_steps"] < ckpt["train_step"]:
         raise UserError(
@@ -79,17 +81,22 @@ def resume_config(
         )
     changed = ("device", "checkpoint_every", "max_train_steps", "lr", "channels_last", "compile")
     optim = replace(stored.optim, **{k: now[f"optim.{k}"] for k in changed})
+    history = [list(change) for change in ckpt.get("lr_history") or [[0, stored.optim.lr]]]
+    if optim.lr != history[-1][1]:  # a change at the train step of the last change replaces it
+        history = [*history[: -1 if history[-1][0] == ckpt["train_step"] else None], [ckpt["train_step"], optim.lr]]
+    ckpt["lr_history"] = history  # loop.Run keeps it in every checkpoint it writes
     if distributed.is_main():
-        print(f"resuming at train step {ckpt['train_step']} of {optim.max_train_steps} with the stored settings; "
-              "data_dir, device, checkpoint_every, lr and the speed switches as this command gives them")  # fmt: skip
+        lr = f"lr {optim.lr:g}" + (f", changed from {stored.optim.lr:g}" if optim.lr != stored.optim.lr else "")
+        print(f"resuming at train step {ckpt['train_step']} of {optim.max_train_steps} with the stored settings "
+              f"({lr}); data_dir, device, checkpoint_every and speed switches as this command gives them")  # fmt: skip
     return replace(stored, data_dir=requested.data_dir, optim=optim)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'optim': {'lr': 1}} -> {'optim.lr': 1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flat_config(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 

@@ -3,9 +3,10 @@
     images = load_pipeline("runs/digits/teacher.pt")(labels=[3, 3, 7], guidance_scale=3.0)
 
 Sampling is deterministic given a seed, a CPU `torch.Generator` or `x_T`: the starting noise
-(`Pipeline.initial_noise`, the one place it is drawn) and any DDPM noise come from the CPU. A seed ties
-each sample's x_T to its index, so DDIM and DPM-Solver++ give the same images however the samples are
-batched, on whichever device (up to floating-point differences between devices).
+(`Pipeline.initial_noise`, the one place it is drawn) and any DDPM noise come from the CPU. A seed gives
+each sample its own generator, tied to its index (`Pipeline.noise_generators`), for its x_T and its DDPM
+noise, so every sampler gives the same images however the samples are batched, on whichever device (up
+to floating-point differences between devices and batch sizes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DATASET_KEYS, load_checkpoint, model_from_checkpoint, require
 from .checks import (
+    check_generator,
     check_guider,
     check_labels,
     check_num_steps,
@@ -33,10 +35,10 @@ from .checks import (
 )
 from .distributed import pick_device
 from .errors import UserError
-from .guidance import Guider, GuiderState, guided_noise_pred
+from .guidance import Guider, GuiderState, guided_noise_pred, scale_tensor
 from .guiders import scheduled_scale
 from .models import DiffusionModel
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, check_sampler, default_sampler
 
 DEFAULT_SAMPLING_STEPS = 50  # what num_steps defaults to, unless a checkpoint was step-distilled
 # callback(i, t, x, x0_pred) after sampling step i at timestep t: the new sample and the predicted x_0
@@ -54,7 +56,7 @@ def sample_loop(
     guider: Guider | None = None,
     guidance_schedule: str = "constant",
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     callback: StepCallback | None = None,
     batched: bool = True,
     progress: bool = False,
@@ -78,9 +80,10 @@ def sample_loop(
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         s = guidance_scale
         if guidance_schedule != "constant":
-            s = torch.as_tensor(s, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
-            s = scheduled_scale(s, t_batch, T, guidance_schedule)  # (B,)
-        pred = guided_noise_pred(model, x_in, t_batch, labels, s, guider, state, batched)  # (B, C, H, W)
+            s = scheduled_scale(scale_tensor(s, x.shape[0], x.device), t_batch, T, guidance_schedule)  # (B,)
+        pred = guided_noise_pred(
+            model, x_in, t_batch, labels, s, guider=guider, state=state, batched=batched
+        )  # (B, C, H, W)
         extra = {"unconditional_output": state.guide_pred} if cfg_pp else {}
         out = scheduler.step(pred, t, x, **step_kwargs, **extra)
         x = out.prev_sample  # (B, C, H, W)
@@ -89,7 +92,7 @@ def sample_loop(
     return x
 
 
-def _step_kwargs(scheduler: object, generator: torch.Generator | None) -> dict:
+def _step_kwargs(scheduler: object, generator: torch.Generator | list[torch.Generator] | None) -> dict:
     """The keyword arguments of `scheduler.step` besides (pred, t, x): the generator, where it takes one,
     and for DDIM `use_clipped_model_output`: eps re-derived from the clipped x_0 (as GLIDE and Imagen
     do). A guided eps at s > 1 often implies an x_0 far outside [-1, 1]; clipping x_0 but keeping that
@@ -130,18 +133,26 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def initial_noise(self, n: int, rng: int | torch.Generator | None = None, start: int = 0) -> torch.Tensor:
+    def noise_generators(self, n: int, seed: int, start: int = 0) -> list[torch.Generator]:
+        """One CPU generator per sample start, ..., start + n - 1, seeded by (seed, i): it draws the sample's
+        x_T and then any noise its sampler adds (DDPM), so a sample depends on its index alone, not on the
+        device, the batch size or how samples are split over calls or processes."""
+        # A CPU generator keeps 32 bits of its seed. For one seed the n values differ (the map is one to
+        # one in i); the golden-ratio multiplier keeps the ranges of different seeds apart.
+        return [torch.Generator().manual_seed((seed * 0x9E3779B9 + i) % 2**32) for i in range(start, start + n)]
+
+    def initial_noise(
+        self, n: int, rng: int | torch.Generator | list[torch.Generator] | None = None, start: int = 0
+    ) -> torch.Tensor:
         """x_T (n, C, H, W) ~ N(0, I) of samples start, ..., start + n - 1, drawn on the CPU.
 
-        With a seed, sample i's noise comes from its own generator, seeded by (seed, i): it depends on the
-        sample's index alone, not on the device, the batch size or how samples are split over calls or
-        processes. A CPU generator (or None: the global one) instead draws all n in turn."""
+        With a seed (or a list of per-sample generators: `noise_generators`), sample i's noise comes from
+        its own generator. A CPU generator (or None: the global one) instead draws all n in turn."""
         shape = (self.channels, self.image_size, self.image_size)
         if isinstance(rng, int):
-            # A CPU generator keeps 32 bits of its seed. For one seed the n values differ (the map is one to
-            # one in i); the golden-ratio multiplier keeps the ranges of different seeds apart.
-            seeds = [(rng * 0x9E3779B9 + i) % 2**32 for i in range(start, start + n)]
-            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+            rng = self.noise_generators(n, rng, start)
+        if isinstance(rng, list):
+            return torch.stack([torch.randn(shape, generator=g) for g in rng])
         return torch.randn(n, *shape, generator=rng)
 
     def __call__(
@@ -149,7 +160,7 @@ class Pipeline:
         labels: Sequence[int] | torch.Tensor,
         guidance_scale: float | torch.Tensor,
         num_steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: int | torch.Generator | list[torch.Generator] | None = None,
         x_T: torch.Tensor | None = None,
         progress: bool = False,
         batched: bool = True,
@@ -162,28 +173,35 @@ class Pipeline:
         `guider` is the guidance rule: guidance.CFG (the default; its options rescale, interval and
         negative_labels), or guiders' APG, CFG-Zero*, TCFG, autoguidance (teacher only), or your own
         guidance.Guider. `guidance_schedule` ('constant', 'linear', 'cosine') varies s over t.
+        `generator`: a seed (each sample's x_T and sampler noise from its own generator, `noise_generators`:
+        the images do not depend on batching), a list of per-sample generators, or one CPU generator.
         `callback`: see sample_loop (called per chunk of max_batch_size labels). Every input is checked
         here (checks.py); a result with NaN or inf is a UserError, never returned."""
         labels = check_labels(labels, self.num_classes).to(self.device)  # (B,)
         guider = check_guider(guider, self.model, self.scheduler, len(labels))
         schedule = check_schedule(guidance_schedule)
-        num_steps = self.sampling_steps if num_steps is None else num_steps
-        check_num_steps(num_steps, self.scheduler, self.sampling_steps)
+        num_steps = check_num_steps(self.sampling_steps if num_steps is None else num_steps, self.scheduler,
+                                    self.sampling_steps, guider)  # fmt: skip
         scale = check_scale(guidance_scale, len(labels))
-        warn_outside_range(scale, self.guidance_range)
+        warn_outside_range(scale, self.guidance_range, schedule)
         shape = (len(labels), self.channels, self.image_size, self.image_size)
+        generator = check_generator(generator, len(labels))
+        if isinstance(generator, int):
+            generator = self.noise_generators(len(labels), generator)
         x_T = self.initial_noise(len(labels), generator) if x_T is None else check_x_T(x_T, shape)
         chunks = []
-        for start in range(0, len(labels), self.max_batch_size):
+        for start in range(0, len(labels), self.max_batch_size):  # each chunk's rows of every per-sample input
             rows = slice(start, start + self.max_batch_size)
             s = scale[rows].to(self.device) if isinstance(scale, torch.Tensor) else scale
-            part = guider_rows(guider, rows, self.device)
+            gen = generator[rows] if isinstance(generator, list) else generator
             chunks.append(sample_loop(self.model, self.scheduler, x_T[rows].to(self.device), labels[rows], s, num_steps,
-                                      part, schedule, generator=generator, callback=callback, batched=batched,
-                                      progress=progress))  # fmt: skip
+                                      guider_rows(guider, rows, self.device), schedule, generator=gen,
+                                      callback=callback, batched=batched, progress=progress))  # fmt: skip
         images = torch.cat(chunks)  # (B, C, H, W)
         if not torch.isfinite(images).all():
-            raise UserError("sampling produced NaN or inf values; is the guidance scale far too large?")
+            raise UserError(f"sampling produced NaN or inf values; check the guidance scale (far too large?), x_T "
+                            f"(|x_T| up to {float(x_T.abs().max()):.3g}: it should be standard normal noise) and the "
+                            "model's weights")  # fmt: skip
         return images
 
 
@@ -200,23 +218,27 @@ def sample_scale_grid(
 
     `guidance` are the Pipeline's keyword arguments `guider` and `guidance_schedule`."""
     R, S, K = pipe.num_classes, len(scales), n_per_class
-    x_T = pipe.initial_noise(R * K, seed).view(R, K, pipe.channels, pipe.image_size, pipe.image_size)
-    x_T = x_T[:, None].expand(R, S, *x_T.shape[1:]).reshape(R * S * K, *x_T.shape[2:])  # (R*S*K, C, H, W)
+    noise_id = (torch.arange(R)[:, None, None] * K + torch.arange(K)).expand(R, S, K).reshape(-1)  # (R*S*K,)
+    # the same seed along a row: the same x_T, and the same sampler noise (DDPM), at every scale
+    generators = [pipe.noise_generators(1, seed, int(i))[0] for i in noise_id]
     labels = torch.arange(R).repeat_interleave(S * K)  # (R*S*K,)
     scale = torch.tensor(scales, dtype=torch.float32).repeat_interleave(K).repeat(R)  # (R*S*K,)
-    images = pipe(labels, scale, num_steps=num_steps, x_T=x_T, progress=progress, **guidance)
+    images = pipe(labels, scale, num_steps=num_steps, generator=generators, progress=progress, **guidance)
     return images.reshape(R, S, K, *images.shape[1:]).cpu()
 
 
 def load_pipeline(
-    path: str | Path, device: str | torch.device = "cpu", scheduler: str = "ddim", weights: str = "ema"
+    path: str | Path, device: str | torch.device = "cpu", scheduler: str | None = None, weights: str = "ema"
 ) -> Pipeline:
-    """Rebuild a Pipeline from one checkpoint (teacher or student), its EMA weights by default."""
+    """Rebuild a Pipeline from one checkpoint (teacher or student), its EMA weights by default. `scheduler` is a
+    name in SCHEDULERS; None is the model's own: ddim, or euler for a rectified-flow model."""
     device = pick_device(str(device))
     ckpt = require(load_checkpoint(path), DATASET_KEYS, path)
+    config = ckpt["scheduler_config"]
+    scheduler = default_sampler(config) if scheduler is None else scheduler
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
-    config = ckpt["scheduler_config"]
+    check_sampler(scheduler, config, repr(str(path)))  # a flow model's samplers are euler and heun, and only it
     if scheduler != "ddim" and "sampling_steps" in ckpt:
         raise UserError(f"{str(path)!r} was step-distilled for {ckpt['sampling_steps']} DDIM sampling steps on "
                         "its own grid; sample it with the ddim sampler")  # fmt: skip

@@ -9,6 +9,11 @@ default) or 'v_prediction' (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, Saliman
 samplers turn it into x_0 and eps with predictions.py and are otherwise the same. Parity with
 `diffusers.DDPMScheduler` / `DDIMScheduler` / `DPMSolverMultistepScheduler` is tested in
 tests/test_schedulers.py. Timesteps are python ints or 0-d tensors shared by the whole batch.
+
+A 'flow_prediction' model was trained on rectified flow's process, not this one: these samplers refuse it,
+and flow.py's Euler and Heun samplers (in SCHEDULERS as 'euler' and 'heun') drive it. `training_scheduler`
+gives the losses the forward process a checkpoint's scheduler_config names; `check_sampler` keeps each
+model with the samplers of its process.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import numpy as np
 import torch
 
 from . import predictions
+from .errors import UserError
+from .flow import FlowMatchEulerScheduler, FlowMatchHeunScheduler
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "aligned")
@@ -73,6 +80,9 @@ class _Scheduler:
     ):
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+        if predictions.is_flow(prediction_type):
+            raise ValueError(f"{type(self).__name__} samples the VP process x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps; "
+                             f"a flow_prediction model needs {' or '.join(FLOW_SAMPLERS)} (flow.py)")  # fmt: skip
         self.num_train_timesteps = num_train_timesteps
         self.clip_sample = clip_sample
         self.clip_sample_range = clip_sample_range
@@ -116,6 +126,19 @@ class _Scheduler:
         abar = self.abar_like(timesteps, original_samples)  # (B, 1, 1, 1)
         return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
 
+    def training_timesteps(
+        self, n: int, device: torch.device | str, timestep_sampling: str = "uniform"
+    ) -> torch.Tensor:  # fmt: skip
+        """n training timesteps (n,): integers uniform in [0, T) (Ho et al. 2020, Algorithm 1), the only density
+        written for this process (flow.sample_sigmas has SD3's logit-normal)."""
+        if timestep_sampling != "uniform":
+            raise ValueError(f"an eps or v model draws its timesteps uniformly, got {timestep_sampling!r}")
+        return torch.randint(0, self.num_train_timesteps, (n,), device=device)  # (n,)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output at x_t = add_noise(x0, noise, timesteps) (B, C, H, W): eps or v."""
+        return predictions.training_target(x0, noise, self.abar_like(timesteps, x0), self.prediction_type)
+
     def abar_like(self, timesteps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """abar at timesteps (B,), shaped (B, 1, 1, 1) to broadcast against `sample`, on its device and in its dtype."""
         abar = self.alphas_cumprod_on(sample.device)[timesteps].to(sample.dtype)  # (B,)
@@ -146,9 +169,13 @@ class _Scheduler:
         return x0
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, so a CPU generator gives the same
-    numbers whichever device the sample lives on."""
+def _noise_like(x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise like x (B, C, H, W), drawn on the generator's device, so a CPU generator gives
+    the same numbers whichever device the sample lives on. A list of B generators (as diffusers takes)
+    draws each sample's noise from its own: the images then do not depend on how samples are batched."""
+    if isinstance(generator, list):
+        rows = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
+        return torch.stack(rows).to(x.device)  # (B, C, H, W)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -183,7 +210,7 @@ class DDPMScheduler(_Scheduler):
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> SchedulerOutput:
         t = int(timestep)
         x0 = self._predict_x0(model_output, t, sample)  # (B, C, H, W)
@@ -385,4 +412,33 @@ SCHEDULERS = {
     "ddim-cfg++": DDIMCFGPPScheduler,
     "ddpm": DDPMScheduler,
     "dpmsolver++": DPMSolverMultistepScheduler,
+    "euler": FlowMatchEulerScheduler,
+    "heun": FlowMatchHeunScheduler,
 }
+FLOW_SAMPLERS = ("euler", "heun")  # the samplers of rectified flow (flow.py); the others are VP samplers
+
+
+def default_sampler(scheduler_config: dict) -> str:
+    """The sampler a model gets unless told otherwise: 'euler' for a flow model, 'ddim' for eps and v."""
+    return FLOW_SAMPLERS[0] if predictions.is_flow(scheduler_config.get("prediction_type")) else "ddim"
+
+
+def check_sampler(name: str, scheduler_config: dict, what: str) -> None:
+    """A UserError unless the sampler `name` integrates the process the model (`what`) was trained on."""
+    flow_model = predictions.is_flow(scheduler_config.get("prediction_type"))
+    if flow_model and name not in FLOW_SAMPLERS:
+        raise UserError(f"{what} is a rectified-flow model (prediction_type flow_prediction): sample it with "
+                        f"{' or '.join(FLOW_SAMPLERS)}; {name} integrates the VP process x_t = sqrt(abar) x_0 + "
+                        "sqrt(1 - abar) eps, which it was not trained on")  # fmt: skip
+    if not flow_model and name in FLOW_SAMPLERS:
+        vp = ", ".join(k for k in SCHEDULERS if k not in FLOW_SAMPLERS)
+        raise UserError(f"{what} predicts {scheduler_config.get('prediction_type', 'epsilon')} on the VP process; "
+                        f"{name} is a rectified-flow sampler: choose one of {vp}")  # fmt: skip
+
+
+def training_scheduler(scheduler_config: dict) -> DDPMScheduler | FlowMatchEulerScheduler:
+    """The forward process (add_noise, training_timesteps, training_target) that a checkpoint's scheduler_config
+    describes, for the losses: rectified flow's for a flow model, else DDPM's beta schedule."""
+    if predictions.is_flow(scheduler_config.get("prediction_type")):
+        return FlowMatchEulerScheduler(**scheduler_config)
+    return DDPMScheduler(**scheduler_config)

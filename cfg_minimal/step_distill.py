@@ -31,7 +31,7 @@ from .errors import UserError
 from .guidance import guided_noise_pred
 from .loop import LossFn, OptimConfig, fit
 from .models import DiffusionModel
-from .predictions import eps_from_x0, to_eps, to_x0
+from .predictions import eps_from_x0, is_flow, to_eps, to_x0
 from .resume import existing_run, resume_config
 from .schedulers import DDIMScheduler
 
@@ -170,6 +170,9 @@ def halve_sampling_steps(
 
     The first round halves `cfg.start_sampling_steps`, or the sampling steps the checkpoint was distilled to."""
     previous = load_checkpoint(student, kind="student")
+    if is_flow(previous["scheduler_config"].get("prediction_type")):
+        raise UserError(f"{str(student)!r} is a rectified-flow student: step distillation halves DDIM's grid of an "
+                        "eps or v model and is not written for flow models yet")  # fmt: skip
     trained_for = previous.get("sampling_steps")  # set when the checkpoint is already step-distilled
     if trained_for is not None and cfg.start_sampling_steps not in (None, trained_for):
         raise UserError(f"{str(student)!r} was step-distilled to {trained_for} sampling steps; "

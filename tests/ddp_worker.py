@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import cfg_minimal.guidance_free as guidance_free
 import cfg_minimal.train as train
 from cfg_minimal import TeacherConfig, distributed, load_checkpoint, train_teacher, with_optim
 from cfg_minimal.distill import DistillConfig, distill_student
@@ -30,8 +31,8 @@ diffusion_loss = train.diffusion_loss
 def recording_loss(record: dict, signal_at: int | None):
     """A drop-in for train.diffusion_loss that remembers the first batch and can signal this process."""
 
-    def make(scheduler):
-        loss_fn, calls = diffusion_loss(scheduler), [0]
+    def make(scheduler, *args):
+        loss_fn, calls = diffusion_loss(scheduler, *args), [0]
 
         def wrapped(model, x0, y):
             if calls[0] == signal_at and distributed.rank() == 1:
@@ -47,6 +48,11 @@ def recording_loss(record: dict, signal_at: int | None):
     return make
 
 
+def use_loss(loss) -> None:
+    """The teacher's loss builder, where train_teacher looks it up (train_teacher picks it by objective)."""
+    train.diffusion_loss = guidance_free.diffusion_loss = loss
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     distributed.init("cpu")
@@ -54,17 +60,17 @@ def main() -> None:
                      device="cpu", checkpoint_every=1000)  # fmt: skip
     dump: dict = {}
 
-    train.diffusion_loss = recording_loss(dump, signal_at=None)
+    use_loss(recording_loss(dump, signal_at=None))
     a = train_teacher(cfg, out / "a", progress=False)
     dump.update(a_model=a.model.state_dict(), a_ema=a.ema.state_dict(), a_losses=a.losses)
 
-    train.diffusion_loss = recording_loss({}, signal_at=SIGTERM_AT)
+    use_loss(recording_loss({}, signal_at=SIGTERM_AT))
     try:
         train_teacher(cfg, out / "b", progress=False)
         raise AssertionError("run B was not interrupted")
     except KeyboardInterrupt:
         dump["b_stopped_at"] = load_checkpoint(out / "b" / "teacher.pt")["train_step"]
-    train.diffusion_loss = diffusion_loss
+    use_loss(diffusion_loss)
     b = train_teacher(cfg, out / "b", if_exists="resume", progress=False)
     dump.update(b_model=b.model.state_dict(), b_ema=b.ema.state_dict())
 

@@ -97,7 +97,7 @@ def test_autoguidance_matches_diffusers_combination(arch):
     theirs = diffusers_guider("AutoGuidance", guidance_scale=2.5, auto_guidance_layers=[0], dropout=1.0)
     theirs.set_state(0, 10, torch.tensor(999))
     with torch.no_grad():
-        ours = guided_noise_pred(model, x, t, y, 2.5, Autoguidance(guide_model=weak))
+        ours = guided_noise_pred(model, x, t, y, 2.5, guider=Autoguidance(guide_model=weak))
         expected = theirs.forward(model(x, t, y), weak(x, t, y)).pred  # the weak model sees the same labels
     torch.testing.assert_close(ours, expected)
 
@@ -188,7 +188,7 @@ def test_at_s1_every_guider_is_the_conditional_model_and_skips_the_guiding_pass(
         for guider in (APG(eta=0.0, norm_threshold=2.0), CFGZeroStar(), TangentialCFG(), CFG(rescale=0.5),
                        Autoguidance(guide_model=tiny_model(arch, seed=1))):  # fmt: skip
             model.images = 0
-            assert torch.equal(guided_noise_pred(model, x, t, y, 1.0, guider), conditional), guider.name
+            assert torch.equal(guided_noise_pred(model, x, t, y, 1.0, guider=guider), conditional), guider.name
             assert model.images == len(x), guider.name  # one pass per sample
 
 
@@ -203,7 +203,7 @@ def test_autoguidance_with_the_null_label_as_its_weak_model_is_plain_cfg(arch):
     guider = Autoguidance.__new__(Autoguidance)  # skips the DiffusionModel check: the stand-in is not one
     object.__setattr__(guider, "guide_model", NullLabel())
     with torch.no_grad():
-        ours = guided_noise_pred(model, x, t, y, 3.0, guider)
+        ours = guided_noise_pred(model, x, t, y, 3.0, guider=guider)
         assert torch.equal(ours, guided_noise_pred(model, x, t, y, 3.0, batched=False))
 
 
@@ -233,10 +233,12 @@ def test_each_row_of_a_mixed_batch_is_the_row_alone(arch, spec, keep_guide_pass)
     with torch.no_grad():
         for step in range(2):
             x_step = x + 0.1 * step
-            together = guided_noise_pred(model, x_step, t, y, scale, guider, state)
+            together = guided_noise_pred(model, x_step, t, y, scale, guider=guider, state=state)
             for i in range(len(x)):
                 one = slice(i, i + 1)
-                alone = guided_noise_pred(model, x_step[one], t[one], y[one], scale[one], guider, alone_states[i])
+                alone = guided_noise_pred(
+                    model, x_step[one], t[one], y[one], scale[one], guider=guider, state=alone_states[i]
+                )
                 torch.testing.assert_close(together[one], alone, rtol=1e-5, atol=1e-5)
                 if keep_guide_pass:
                     torch.testing.assert_close(state.guide_pred[one], alone_states[i].guide_pred, rtol=1e-5, atol=1e-5)
@@ -248,7 +250,7 @@ def test_cfg_zero_star_zero_init_costs_no_evaluation_then_guides(arch):
     guider, state = CFGZeroStar(zero_init_steps=2), GuiderState()
     with torch.no_grad():
         for step in range(3):
-            eps = guided_noise_pred(model, x, t, y, 3.0, guider, state)
+            eps = guided_noise_pred(model, x, t, y, 3.0, guider=guider, state=state)
             assert torch.equal(eps, torch.zeros_like(x)) == (step < 2)
         assert model.images == 2 * len(x)  # only the third step evaluated the network, both passes
         eps_u = model.model(x, t, torch.full_like(y, model.model.null_class))
@@ -280,7 +282,10 @@ def test_mistakes_are_user_errors(arch):
     with pytest.raises(UserError, match="schedule"):
         pipe(LABELS, 3.0, num_steps=2, guidance_schedule="exponential")
     with pytest.raises(UserError, match="Guider"):
-        pipe(LABELS, 3.0, num_steps=2, guider="apg")
+        pipe(LABELS, 3.0, num_steps=2, guider={"eta": 0.0})
+    x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    by_spec = pipe(LABELS, 3.0, 2, x_T=x_T, guider="apg:eta=0")  # a spec is taken where a guider is
+    assert torch.equal(by_spec, pipe(LABELS, 3.0, 2, x_T=x_T, guider=APG(0.0)))
     with pytest.raises(UserError, match="same dataset"):
         small = randomize(build_model(arch, image_size=8)).eval()  # a digits model of another size
         pipe(LABELS, 3.0, num_steps=2, guider=Autoguidance(guide_model=small))
@@ -344,7 +349,7 @@ def test_a_guider_defined_outside_the_package_samples(arch):
     """Sampled through the Pipeline, found by its spec, and equal to its rule applied step by step by hand."""
     pipe = make_pipeline(arch)
     guider = guider_from_spec("test-sharpened:power=1.5")
-    assert isinstance(guider, Sharpened) and guider.power == 1.5 and guider.spec() == "test-sharpened:power=1.5"
+    assert isinstance(guider, Sharpened) and guider.power == 1.5
     x_T = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     sched, x, labels = make_pipeline(arch).scheduler, x_T.clone(), torch.tensor(LABELS)
     sched.set_timesteps(3)
