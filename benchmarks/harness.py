@@ -51,6 +51,7 @@ from torch import nn
 from cfg_minimal.distributed import device_name
 from cfg_minimal.errors import UserError, report, user_message
 from cfg_minimal.evaluate import Judge, check_writable, generate
+from cfg_minimal.plotting import save_figure
 from cfg_minimal.resume import MAX_SEED
 from cfg_minimal.sampling import Pipeline
 from cfg_minimal.train import TeacherConfig
@@ -187,12 +188,9 @@ class Outputs:
         return path
 
     def figure(self, name: str, fig: Any) -> Path:
-        """Save a matplotlib figure and close it."""
-        import matplotlib.pyplot as plt
-
+        """Save a matplotlib figure whole (plotting.save_figure) and close it."""
         path = self.path(name)
-        fig.savefig(path)
-        plt.close(fig)
+        save_figure(fig, path)
         print(f"wrote {path}")
         return path
 

@@ -4,6 +4,7 @@ Figures draw what they are given; sampling.sample_scale_grid makes the images of
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,23 @@ def figure_path(path: str | Path) -> Path:
     if path.suffix[1:].lower() not in formats:
         raise UserError(f"cannot write a figure as {path.suffix!r}; use .png, .pdf, .svg or .jpg")
     return path
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> None:
+    """Write `fig` to `path` whole or not at all (a temporary file, then a rename), and close it; a full disk
+    or a folder that cannot be written is a UserError naming the file, and leaves no truncated image."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write the figure {str(path)!r} ({err.strerror or err}); free some space or "
+                        "choose another --out") from None  # fmt: skip
+    finally:
+        plt.close(fig)
 
 
 def tile(images: torch.Tensor, pad: int = 1) -> torch.Tensor:
@@ -62,9 +80,7 @@ def save_scale_grid(
     if title:
         ax.set_title(textwrap.fill(title, 48), fontsize=9, pad=18)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_loss_curve(curves: dict[str, Sequence[float]], path: str | Path, every: int = 10) -> None:
@@ -75,8 +91,7 @@ def save_loss_curve(curves: dict[str, Sequence[float]], path: str | Path, every:
     ax.set(xlabel="train step", ylabel="loss", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_guidance_sweep(metrics: dict, path: str | Path) -> None:
@@ -106,5 +121,4 @@ def plot_guidance_sweep(metrics: dict, path: str | Path) -> None:
     steps = f"{steps} DDIM sampling steps" if steps else "each model's own DDIM sampling steps"
     fig.suptitle(f"{metrics['dataset']}: {metrics['n']} samples per point, {steps}")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -23,9 +23,9 @@ from cfg_minimal import (
     DistillConfig,
     StepDistillConfig,
     TeacherConfig,
+    checkpoint,
     distill_student,
     halve_sampling_steps,
-    load_checkpoint,
     train_teacher,
     with_optim,
 )
@@ -365,7 +365,7 @@ def test_resume_with_a_new_learning_rate_records_where_it_changed(tmp_path, caps
     train_teacher(with_optim(cfg, max_train_steps=6, lr=1e-3), tmp_path, if_exists="resume", progress=False)
     assert "lr 0.001, changed from 0.002" in capsys.readouterr().out
     train_teacher(with_optim(cfg, max_train_steps=7, lr=1e-3), tmp_path, if_exists="resume", progress=False)
-    ckpt = load_checkpoint(tmp_path / "teacher.pt")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "teacher.pt")
     assert ckpt["lr_history"] == [[0, 2e-3], [4, 1e-3]]
     assert ckpt["teacher_config"]["optim"]["lr"] == 1e-3
 

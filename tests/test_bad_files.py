@@ -7,6 +7,7 @@ mistake is one line on stderr and exit code 2 from the CLI (a UserError from the
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -400,3 +401,19 @@ def test_export_to_a_file_or_an_empty_name(teacher_pt, tmp_path, capsys):
     assert_one_line(*export(capsys, teacher_pt, ""), "export folder path is empty")
     (tmp_path / "empty").mkdir()  # an empty folder is fine
     assert export(capsys, teacher_pt, tmp_path / "empty")[0] == 0
+
+
+def test_a_full_disk_while_saving_a_figure_is_one_line_and_leaves_no_truncated_image(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from cfg_minimal.plotting import save_figure
+
+    def full(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plt.Figure, "savefig", full)
+    target = tmp_path / "grid.png"
+    with pytest.raises(UserError, match=r"could not write the figure .*grid\.png.*No space left"):
+        save_figure(plt.figure(), target)
+    assert list(tmp_path.iterdir()) == []  # neither the figure nor a temporary file
