@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from test_bad_input import call
 
 import sample
 import train_mnist
@@ -59,16 +60,6 @@ def run(tmp_path_factory) -> Path:
     rounds = StepDistillConfig(start_sampling_steps=4, target_sampling_steps=2)
     halve_sampling_steps(out / "student.pt", with_optim(rounds, **{**OPTIM, "max_train_steps": 2}), out, progress=False)
     return out
-
-
-def call(main, args, capsys) -> tuple[int, str, str]:
-    """A CLI's main, in-process -> (exit code, stdout, stderr); argparse's own refusals exit via SystemExit."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def refused(result: tuple[int, str, str], message: str) -> str:
