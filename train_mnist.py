@@ -37,7 +37,9 @@ from cfg_minimal import (
     pick_device,
     sample_scale_grid,
     train_teacher,
+    with_optim,
 )
+from cfg_minimal.budget import train_steps_in
 from cfg_minimal.checkpoint import output_lock, weights_fingerprint, writable_folder
 from cfg_minimal.distill import check_guidance_range, target_guider
 from cfg_minimal.errors import UserError, report
@@ -45,9 +47,11 @@ from cfg_minimal.evaluate import check_classifier_cache, sweep, write_sweep
 from cfg_minimal.flow import TIMESTEP_SAMPLINGS
 from cfg_minimal.guidance_free import OBJECTIVES, check_objective
 from cfg_minimal.guiders import SCHEDULES
+from cfg_minimal.loop import COMPILE_MODES
 from cfg_minimal.plotting import save_loss_curve, save_scale_grid
 from cfg_minimal.predictions import PREDICTION_TYPES
-from cfg_minimal.resume import MAX_SEED, flat_config
+from cfg_minimal.recipes import teacher_config
+from cfg_minimal.resume import MAX_SEED, SPEED_SWITCHES, flat_config
 from cfg_minimal.sampling import DEFAULT_SAMPLING_STEPS
 from cfg_minimal.schedulers import BETA_SCHEDULES
 
@@ -70,7 +74,10 @@ CONFIG_FLAGS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
      dict(choices=PREDICTION_TYPES, help="what the teacher (and every student of it) predicts: eps, v, or "
           "flow_prediction (rectified flow; sampled with euler or heun)")),
     ("--timestep-sampling", ("teacher.timestep_sampling",),
-     dict(type=str, choices=TIMESTEP_SAMPLINGS, help="a flow teacher's training sigmas (default: logit_normal)")),
+     dict(type=str, choices=TIMESTEP_SAMPLINGS,
+          help="the teacher's training timesteps: SD3's logit_normal or uniform (default: logit_normal for flow)")),
+    ("--min-snr-gamma", ("teacher.min_snr_gamma",),
+     dict(type=float, help="eps / v teacher: min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs)")),
     ("--objective", ("teacher.objective",),
      dict(choices=OBJECTIVES, help="diffusion: a CFG teacher; gft / mg: guidance trained into one model that samples "
           "in one pass (guidance_free.py; --stage all then trains it alone)")),
@@ -102,6 +109,10 @@ CONFIG_FLAGS: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("--device", tuple(f"{s}.optim.device" for s in ALL), dict(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")),
     ("--channels-last", tuple(f"{s}.optim.channels_last" for s in ALL), dict(help="NHWC convolutions (speed only)")),
     ("--compile", tuple(f"{s}.optim.compile" for s in ALL), dict(help="torch.compile the network (speed only)")),
+    ("--compile-mode", tuple(f"{s}.optim.compile_mode" for s in ALL),
+     dict(choices=COMPILE_MODES, help="torch.compile's mode (implies --compile); reduce-overhead: CUDA graphs, CUDA "
+          "only (elsewhere 'default')")),
+    ("--fused", tuple(f"{s}.optim.fused" for s in ALL), dict(help="fused AdamW on CUDA (speed only)")),
 ]  # fmt: skip
 
 
@@ -115,11 +126,17 @@ def field_of(configs: dict[str, Any], target: str) -> tuple[Any, str]:
 
 
 def configs_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The three stage configs with every flag's value in the fields it names."""
+    """The three stage configs with every flag's value in the fields it names; the teacher starts from its data
+    set's measured recipe (recipes.teacher_config), whose fields a flag sets only when given."""
     configs = {stage: cls() for stage, cls in STAGES.items()}
+    configs["teacher"] = teacher_config(args.dataset)
+    recipe = {f"teacher.{name}" for name in DATASETS[args.dataset].teacher_settings}
+    given = getattr(args, "given", set())
     for flag, targets, _ in CONFIG_FLAGS:
+        dest = flag[2:].replace("-", "_")
         for target in targets:
-            setattr(*field_of(configs, target), getattr(args, flag[2:].replace("-", "_")))
+            if dest in given or target not in recipe:
+                setattr(*field_of(configs, target), getattr(args, dest))
     return configs
 
 
@@ -144,15 +161,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument(flag, action="store_true", **kwargs)
             continue
         shown = "" if default is None else f" (default: {default})"
+        in_recipes = sorted(
+            name for name, d in DATASETS.items() if any(f"teacher.{k}" in targets for k in d.teacher_settings)
+        )
+        if in_recipes:  # a data set's measured recipe sets it unless the flag is given (recipes.teacher_config)
+            shown = f" (default: {default}; {', '.join(in_recipes)}: their recipe in data.py)"
         p.add_argument(flag, **{"type": type(default), "default": default, **kwargs,
                                 "help": kwargs.get("help", "") + shown})  # fmt: skip
     p.add_argument("--sampling-steps", type=int, default=DEFAULT_SAMPLING_STEPS,
                    help=f"DDIM steps for the teacher and student figures and sweep (default: "
                    f"{DEFAULT_SAMPLING_STEPS}); step-distilled students always use their own")  # fmt: skip
+    p.add_argument("--teacher-minutes", type=float, default=None,
+                   help="train the teacher for about this many minutes, the whole stage included: the train steps "
+                   "that fit are measured here first (budget.py) and printed, the schedule fitted to them")  # fmt: skip
     p.add_argument("--eval-n", type=int, default=100, help="samples per scale in the closing sweep (default: 100)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     args.given = given_flags(p, argv)
+    args.compile = args.compile or args.compile_mode != "default"  # a compile mode asks for compiling
+    check_values(p, args)
+    return args
+
+
+def check_values(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag's value in its range, or argparse's one-line error naming the flag."""
     for flag, value in vars(args).items():
         if isinstance(value, int) and not isinstance(value, bool) and flag != "seed" and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
@@ -169,9 +201,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     f"schedule's timesteps), got {getattr(args, flag)}")  # fmt: skip
     if not 0 <= args.seed <= MAX_SEED:
         p.error(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
+    if args.teacher_minutes is not None and not (math.isfinite(args.teacher_minutes) and args.teacher_minutes > 0):
+        p.error(f"--teacher-minutes must be a positive number, got {args.teacher_minutes}")
     if args.resume and args.overwrite:
         p.error("--resume continues the runs in --out and --overwrite replaces them: pass one of them")
-    return args
 
 
 def teacher_figures(out: Path, args: argparse.Namespace) -> torch.Tensor:
@@ -262,6 +295,7 @@ def check_before_training(args: argparse.Namespace, out: Path, configs: dict[str
     if args.teacher and args.stage not in ("distill", "step-distill"):
         raise UserError(f"--teacher is the teacher of --stage distill (and the reference of step-distill); "
                         f"--stage {args.stage} trains its own into --out")  # fmt: skip
+    check_minutes(args)
     if args.student and args.stage != "step-distill":
         raise UserError(f"--student is the guided student that --stage step-distill halves; --stage {args.stage} "
                         "does not read one")  # fmt: skip
@@ -279,12 +313,24 @@ def check_before_training(args: argparse.Namespace, out: Path, configs: dict[str
         check_classifier_cache(configs["teacher"].dataset if source is None else source["dataset"])
 
 
+def check_minutes(args: argparse.Namespace) -> None:
+    """--teacher-minutes: only where a teacher is trained from scratch, by one process, in place of a count."""
+    if args.teacher_minutes is None:
+        return
+    clash = ("--teacher-train-steps gives the count itself" if "teacher_train_steps" in args.given else
+             "--resume continues to the train steps stored in the run" if args.resume else
+             f"--stage {args.stage} trains no teacher" if args.stage not in ("teacher", "all") else
+             "under torchrun each process would measure its own" if distributed.world_size() > 1 else None)  # fmt: skip
+    if clash:
+        raise UserError(f"--teacher-minutes cannot be used here: {clash}; leave --teacher-minutes out")
+
+
 # The checkpoint in OUT that --resume continues for each stage, and the key of the settings stored in it.
 RESUMED = {"teacher": ("teacher.pt", "teacher_config"), "distill": ("student.pt", "distill_config"),
            "step_distill": ("student_*steps.pt", "step_distill_config")}  # fmt: skip
 STAGES_OF = {"teacher": ("teacher",), "distill": ("distill",), "all": ("teacher", "distill"),
              "step-distill": ("step_distill",)}  # fmt: skip
-FROM_THE_COMMAND = ("data_dir", "optim.device", "optim.checkpoint_every", "optim.channels_last", "optim.compile")
+FROM_THE_COMMAND = ("data_dir", "optim.device", "optim.checkpoint_every", *(f"optim.{k}" for k in SPEED_SWITCHES))
 
 
 def resumed_runs(args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
@@ -314,10 +360,13 @@ def take_stored_settings(args: argparse.Namespace, configs: dict[str, Any], stor
         dest = flag[2:].replace("-", "_")
         for target in targets if dest not in args.given else ():
             stage, field = target.split(".", 1)
-            trained = flat_config(stored[stage].get(RESUMED[stage][1], {})) if stage in stored else {}
-            if field in trained and field not in FROM_THE_COMMAND:
-                setattr(*field_of(configs, target), trained[field])
-                setattr(args, dest, trained[field])
+            if stage not in stored or field in FROM_THE_COMMAND:
+                continue
+            trained = flat_config(stored[stage].get(RESUMED[stage][1], {}))
+            # a field the run predates: the dataclass default, which keeps what the code did before it existed
+            value = trained.get(field, getattr(*field_of({stage: STAGES[stage]()}, target)))
+            setattr(*field_of(configs, target), value)
+            setattr(args, dest, value)
 
 
 # A model in OUT, and what a later stage distilled from it there (found by the fingerprint of its weights).
@@ -352,7 +401,8 @@ def check_nothing_is_orphaned(args: argparse.Namespace, out: Path, configs: dict
 
 # The flags that describe the teacher itself: --stage distill and step-distill start from a trained one.
 MODEL_FLAGS = ("--dataset", "--arch", "--p-uncond", "--beta-schedule", "--prediction-type", "--timestep-sampling",
-               "--objective", "--gft-beta-min", "--mg-scale", "--mg-start", "--mg-t-max")  # fmt: skip
+               "--min-snr-gamma", "--objective", "--gft-beta-min", "--mg-scale", "--mg-start",
+               "--mg-t-max")  # fmt: skip
 
 
 def source_checkpoint(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
@@ -373,6 +423,15 @@ def source_checkpoint(args: argparse.Namespace, out: Path) -> dict[str, Any] | N
     return ckpt
 
 
+def minutes_to_train_steps(configs: dict[str, Any], args: argparse.Namespace) -> int:
+    """--teacher-minutes as a count of train steps, measured here (budget.train_steps_in) and printed."""
+    print(f"measuring how many train steps fit in {args.teacher_minutes:g} minutes here ...", flush=True)
+    steps = train_steps_in(args.teacher_minutes, configs["teacher"])
+    print(f"--teacher-minutes {args.teacher_minutes:g}: {steps} train steps (--teacher-train-steps {steps} repeats "
+          "this run on any machine)", flush=True)  # fmt: skip
+    return steps
+
+
 def train_stages(args: argparse.Namespace, out: Path, configs: dict[str, Any], progress: bool) -> None:
     """The stages --stage asks for, then the loss curves; only rank 0 draws."""
     if_exists = "resume" if args.resume else "overwrite" if args.overwrite else "error"
@@ -381,6 +440,8 @@ def train_stages(args: argparse.Namespace, out: Path, configs: dict[str, Any], p
     teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
     grid_t = None
     if args.stage in ("teacher", "all"):
+        if args.teacher_minutes is not None:
+            configs["teacher"] = with_optim(configs["teacher"], max_train_steps=minutes_to_train_steps(configs, args))
         curves["teacher"] = train_teacher(configs["teacher"], out, **how).losses
         teacher_path = out / "teacher.pt"
         grid_t = teacher_figures(out, args) if rank0 else None

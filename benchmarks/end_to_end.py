@@ -20,6 +20,7 @@ Numbers on a GPU are absolute; on a CPU compare them as ratios within one run.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -31,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import harness
 from cfg_minimal import (
+    ARCHITECTURES,
     DATASETS,
     DistillConfig,
     StepDistillConfig,
@@ -46,8 +48,9 @@ from cfg_minimal import (
 from cfg_minimal.checkpoint import output_lock
 from cfg_minimal.errors import UserError
 from cfg_minimal.evaluate import Judge, check_classifier_cache
+from cfg_minimal.loop import COMPILE_MODES
 from cfg_minimal.pretrained import CONFIG, WEIGHTS, save_pretrained
-from cfg_minimal.recipes import GPU_RECIPES
+from cfg_minimal.recipes import GPU_RECIPES, LR_SCALINGS, scaled_lr
 from cfg_minimal.sampling import Pipeline
 from cfg_minimal.step_distill import round_sizes
 
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     args = fill_defaults(args, device)
     check_args(args)
-    checkpoints = ["teacher.pt", "student.pt", *(f"student_{k}steps.pt" for k in round_sizes(*rounds_of(args)))]
+    checkpoints = ["teacher.pt", "student.pt", *(f"student_{k}steps.pt" for k in round_list(args))]
     out = harness.Outputs.of(args, "end_to_end.json", *checkpoints)
     export = claim_exports(args) if args.export else None
     check_classifier_cache(args.dataset)
@@ -88,6 +91,9 @@ def check_args(args: argparse.Namespace) -> None:
     if start > TeacherConfig.num_train_timesteps:
         raise UserError(f"--start-sampling-steps must be at most {TeacherConfig.num_train_timesteps}, got {start}")
     round_sizes(start, target)  # a target that halving does not reach is a UserError
+    for name in ("teacher_lr", "distill_lr", "round_lr"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
 
 
 def claim_exports(args: argparse.Namespace) -> harness.Outputs:
@@ -108,6 +114,11 @@ def rounds_of(args: argparse.Namespace) -> tuple[int, int]:
     return args.start_sampling_steps, args.target_sampling_steps
 
 
+def round_list(args: argparse.Namespace) -> list[int]:
+    """The sampling steps of each step-distillation round's student; none with --no-step-rounds."""
+    return [] if args.no_step_rounds else round_sizes(*rounds_of(args))
+
+
 def evaluate_all(args: argparse.Namespace, device: torch.device, stages: list[dict], paths: dict[str, Path]) -> dict:
     """Quality and speed of every model trained -> the report (printed as it comes, then as tables)."""
     pipes = {name: load_pipeline(path, device=device) for name, path in paths.items()}
@@ -120,7 +131,7 @@ def evaluate_all(args: argparse.Namespace, device: torch.device, stages: list[di
         quality=harness.measure(harness.grid(pipes, args.scales), judge, args.n, args.seed, table=progress),
         speed=speed(pipes, args, device, judge),
     )  # fmt: skip
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.no_cpu_check:
         report["cpu_vs_gpu"] = cpu_vs_gpu(paths["teacher"], pipes["teacher"], args)
     print_report(report)
     return report
@@ -128,13 +139,12 @@ def evaluate_all(args: argparse.Namespace, device: torch.device, stages: list[di
 
 def model_names(args: argparse.Namespace) -> list[str]:
     """The models evaluated: teacher, student, and the step-distilled students of EXPORTED_STEPS the rounds reach."""
-    rounds = round_sizes(*rounds_of(args))
-    return ["teacher", "student", *(f"student {k} steps" for k in rounds if k in EXPORTED_STEPS)]
+    return ["teacher", "student", *(f"student {k} steps" for k in round_list(args) if k in EXPORTED_STEPS)]
 
 
 def export_folder(args: argparse.Namespace, model: str) -> str:
-    """'student 8 steps' -> 'DATASET-student-8steps'."""
-    return f"{args.dataset}-{model.replace(' steps', 'steps').replace(' ', '-')}"
+    """'student 8 steps' -> 'DATASET-student-8steps' (or --export-name instead of DATASET)."""
+    return f"{args.export_name or args.dataset}-{model.replace(' steps', 'steps').replace(' ', '-')}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,8 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             f"--{flag}", type=int, default=None, help="default: recipes.GPU_RECIPES on CUDA, else the stage's"
         )
+    p.add_argument("--arch", default=None, choices=list(ARCHITECTURES), help="default: the dataset's (recipes.py)")
+    for stage in ("teacher", "distill", "round"):
+        p.add_argument(f"--{stage}-lr", type=float, default=None,
+                       help="default: the stage's, scaled by --lr-scaling for its batch size")  # fmt: skip
+    p.add_argument("--lr-scaling", default="none", choices=LR_SCALINGS,
+                   help="a learning rate left out, scaled from its stage's default batch to the batch used: sqrt "
+                   "(Adam's usual rule) or linear (default: none, the stage's lr as it is)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help="NHWC convolutions in training")
     p.add_argument("--compile", action="store_true", help="torch.compile the network in training")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile's mode (implies --compile); reduce-overhead replays CUDA graphs, CUDA only "
+                   "(elsewhere 'default')")  # fmt: skip
+    p.add_argument("--fused", action="store_true", help="fused AdamW in training (CUDA only)")
+    p.add_argument("--no-step-rounds", action="store_true", help="train and evaluate no step-distilled student")
+    p.add_argument("--no-cpu-check", action="store_true", help="on CUDA, skip sampling the teacher on the CPU too")
     p.add_argument("--start-sampling-steps", type=int, default=64, help="what the first round halves (default: 64)")
     p.add_argument("--target-sampling-steps", type=int, default=4, help="halve down to this (default: 4; 8 on the way)")
     p.add_argument("--sampling-steps", type=int, default=64,
@@ -154,17 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 5], help="default: 0 1 2 3 5")
     p.add_argument("--speed-batch", type=int, default=1024, help="default: 1024")
     p.add_argument("--export", default=None, help="write pretrained folders DIR/DATASET-{teacher,student,...}")
+    p.add_argument("--export-name", default=None, help="the folders' prefix instead of DATASET (e.g. mnist-dit)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    return fill_switches(build_parser().parse_args(argv))
+
+
+def fill_switches(args: argparse.Namespace) -> argparse.Namespace:
+    args.compile = args.compile or args.compile_mode != "default"  # a compile mode asks for compiling
+    return args
 
 
 def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """Train steps and batch sizes left out: the GPU recipe of the dataset on CUDA (recipes.GPU_RECIPES),
-    else each stage's own defaults (None train steps: the data set's count, recipes.recipe)."""
+    else each stage's own defaults (None train steps: the data set's count, recipes.recipe). A learning rate
+    left out: the stage's, scaled from the stage's default batch size by --lr-scaling (recipes.scaled_lr)."""
+    fill_switches(args)
     gpu = GPU_RECIPES.get(args.dataset, {}) if device.type == "cuda" else {}
     stage = {"teacher": TeacherConfig().optim, "distill": DistillConfig().optim, "round": StepDistillConfig().optim}
     for name, optim in stage.items():
@@ -173,28 +204,36 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Na
             setattr(args, steps, gpu.get(steps, optim.max_train_steps))
         if getattr(args, batch) is None:
             setattr(args, batch, gpu.get("batch_size", optim.batch_size))
+        if getattr(args, f"{name}_lr") is None:
+            lr = scaled_lr(optim.lr, getattr(args, batch), optim.batch_size, args.lr_scaling)
+            setattr(args, f"{name}_lr", lr)
     return args
 
 
 def train_all(args: argparse.Namespace, out: Path, device: torch.device) -> tuple[list[dict], dict[str, Path]]:
     """Teacher, guided student and the step-distillation rounds, each timed -> (stage rows, model paths)."""
-    speed = dict(channels_last=args.channels_last, compile=args.compile, device=str(device))
+    speed = dict(channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode,
+                 fused=args.fused, device=str(device))  # fmt: skip
     how = dict(progress=not args.no_progress, if_exists="overwrite" if args.overwrite else "error")
-    teacher = with_optim(TeacherConfig(dataset=args.dataset, data_dir=args.data_dir), **speed,
-                         max_train_steps=args.teacher_train_steps, batch_size=args.teacher_batch_size)  # fmt: skip
-    distill = with_optim(DistillConfig(data_dir=args.data_dir), **speed,
+    teacher = with_optim(TeacherConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch), **speed,
+                         max_train_steps=args.teacher_train_steps, batch_size=args.teacher_batch_size,
+                         lr=args.teacher_lr)  # fmt: skip
+    distill = with_optim(DistillConfig(data_dir=args.data_dir), **speed, lr=args.distill_lr,
                          max_train_steps=args.distill_train_steps, batch_size=args.distill_batch_size)  # fmt: skip
     rounds = with_optim(StepDistillConfig(start_sampling_steps=args.start_sampling_steps,
                                           target_sampling_steps=args.target_sampling_steps, data_dir=args.data_dir),
-                        **speed, max_train_steps=args.round_train_steps, batch_size=args.round_batch_size)  # fmt: skip
+                        **speed, max_train_steps=args.round_train_steps, batch_size=args.round_batch_size,
+                        lr=args.round_lr)  # fmt: skip
     # FLOPs per train image: forward + backward of the trained network (3 forwards), plus, when distilling,
     # two forwards of the frozen one (the teacher's two passes, or the previous student's two DDIM steps)
     teacher_row, _ = timed("teacher", device, lambda: train_teacher(teacher, out, **how), 3)
     student_row, _ = timed("student", device,
                            lambda: distill_student(out / "teacher.pt", distill, out, **how), 5)  # fmt: skip
-    halve = lambda: halve_sampling_steps(out / "student.pt", rounds, out, **how)  # noqa: E731
-    rounds_row, round_paths = timed("step rounds", device, halve, 5)
-    stages = [teacher_row, student_row, rounds_row]
+    stages, round_paths = [teacher_row, student_row], []
+    if not args.no_step_rounds:
+        halve = lambda: halve_sampling_steps(out / "student.pt", rounds, out, **how)  # noqa: E731
+        rounds_row, round_paths = timed("step rounds", device, halve, 5)
+        stages.append(rounds_row)
     for stage, paths in zip(stages, ([out / "teacher.pt"], [out / "student.pt"], round_paths)):
         stage.update(train_statistics(stage, paths))
     paths = {"teacher": out / "teacher.pt", "student": out / "student.pt"}

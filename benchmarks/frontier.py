@@ -8,11 +8,14 @@ student_{n}steps.pt (`train_mnist.py --stage step-distill --target-sampling-step
   CFG teacher + DDIM, CFG teacher + DPM-Solver++(2M)      two passes per step at s != 1, one at s = 1
   guided student + DDIM, guided student + DPM-Solver++     one pass per step
   step-distilled student                                   one pass per step, its own 'aligned' grid
-At each budget of network evaluations per image (--budgets) each route takes as many sampling steps
-as the budget buys. Every row samples the same x_T and labels (n per row and seed); accuracy, FD and
+A rectified-flow run (prediction_type flow_prediction) takes its own samplers instead, first and second
+order as above: flow Euler for DDIM and flow Heun (2n - 1 evaluations for n steps) for DPM-Solver++; its
+step-distilled students sample on their own Euler grid. At each budget of network evaluations per image
+(--budgets) each route takes as many sampling steps as the budget buys (Heun may leave one unspent).
+Every row samples the same x_T and labels (n per row and seed); accuracy, FD and
 diversity as in `python -m cfg_minimal.evaluate`; evaluations are counted, not assumed. At --seed-budget
-the rows are the mean over --seed and --extra-seeds. First a check of why an unclipped DPM-Solver++
-diverges with CFG on the cosine schedule. Writes frontier_DATASET.json and frontier_DATASET.png into --out.
+the rows are the mean over --seed and --extra-seeds. First (VP runs only) a check of why an unclipped
+DPM-Solver++ diverges with CFG on the cosine schedule. Writes frontier_DATASET.json and frontier_DATASET.png into --out.
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ from matplotlib.ticker import ScalarFormatter
 
 from benchmarks import harness
 from cfg_minimal import UserError, load_checkpoint, load_pipeline, pick_device
-from cfg_minimal.evaluate import Judge
+from cfg_minimal.evaluate import Judge, evals_per_image
+from cfg_minimal.predictions import is_flow
 from cfg_minimal.sampling import Pipeline
 from cfg_minimal.schedulers import DPMSolverMultistepScheduler
 
 ROUTES = ("CFG teacher + DDIM", "CFG teacher + DPM-Solver++", "guided student + DDIM",
           "guided student + DPM-Solver++", "step-distilled student")  # fmt: skip
+FLOW_ROUTES = ("CFG teacher + Euler", "CFG teacher + Heun", "guided student + Euler", "guided student + Heun",
+               "step-distilled student")  # a flow run's: its own first- and second-order samplers  # fmt: skip
+SAMPLERS = {"DDIM": "ddim", "DPM-Solver++": "dpmsolver++", "Euler": "euler", "Heun": "heun"}  # route -> scheduler
 TABLE = harness.Table([("model", "route", "{}"), "scale", ("budget", "budget", "{:d}"), "evals_per_image",
                        "sampling_steps", ("seeds", "seeds", "{}"), "accuracy", "fd", "diversity",
                        "ms_per_image"])  # fmt: skip
@@ -62,19 +69,25 @@ def divergence_check(run_dir: Path, device: torch.device, judge: Judge, n: int, 
     return harness.measure(cases, judge, n, table=DIVERGENCE, extra_metrics=largest)
 
 
+def is_flow_run(run_dir: Path) -> bool:
+    """Whether the run's teacher is a rectified-flow model (its routes are FLOW_ROUTES)."""
+    return is_flow(load_checkpoint(run_dir / "teacher.pt")["scheduler_config"].get("prediction_type"))
+
+
 def routes(run_dir: Path, device: torch.device) -> dict[str, Pipeline | dict[int, Pipeline]]:
-    """Each route's pipeline; the step-distilled route has one per sampling-step count."""
+    """Each route's pipeline (FLOW_ROUTES for a flow run, else ROUTES); the step-distilled route has one per
+    sampling-step count."""
     students = {}
     for path in run_dir.glob("student_*steps.pt"):
         pipe = load_pipeline(path, device=device)
         students[pipe.sampling_steps] = pipe
-    return {
-        ROUTES[0]: load_pipeline(run_dir / "teacher.pt", device=device),
-        ROUTES[1]: load_pipeline(run_dir / "teacher.pt", device=device, scheduler="dpmsolver++"),
-        ROUTES[2]: load_pipeline(run_dir / "student.pt", device=device),
-        ROUTES[3]: load_pipeline(run_dir / "student.pt", device=device, scheduler="dpmsolver++"),
-        ROUTES[4]: students,
-    }
+    names = FLOW_ROUTES if is_flow_run(run_dir) else ROUTES
+    pipes: dict[str, Pipeline | dict[int, Pipeline]] = {}
+    for name in names[:4]:
+        model, sampler = name.split(" + ")
+        path = run_dir / ("teacher.pt" if model.startswith("CFG") else "student.pt")
+        pipes[name] = load_pipeline(path, device=device, scheduler=SAMPLERS[sampler])
+    return {**pipes, names[4]: students}
 
 
 def cases(args: argparse.Namespace, pipes: dict) -> list[harness.Case]:
@@ -82,15 +95,24 @@ def cases(args: argparse.Namespace, pipes: dict) -> list[harness.Case]:
     out = []
     for budget in args.budgets:
         seeds = [*args.seed, *args.extra_seeds] if budget == args.seed_budget else args.seed
-        for route in ROUTES:
-            pipe = pipes[route].get(budget) if route == ROUTES[4] else pipes[route]
+        for route, pipe in pipes.items():
+            pipe = pipe.get(budget) if isinstance(pipe, dict) else pipe
             if pipe is None:  # no step-distilled student for this budget
                 continue
             for s in args.scales:
-                steps = budget // (2 if route.startswith("CFG") and s not in (0.0, 1.0) else 1)  # CFG: two passes
+                steps = budget if route.startswith("step") else steps_bought(pipe, s, budget)
                 if steps > 0:  # else the budget does not buy one step
                     out.append(harness.Case(route, pipe, s, steps, columns=dict(budget=budget), seeds=seeds))
     return out
+
+
+def steps_bought(pipe: Pipeline, scale: float, budget: int) -> int:
+    """The most sampling steps whose evaluations per image (evaluate.evals_per_image: two passes for CFG at
+    s != 0, 1; 2n - 1 calls for Heun) fit in `budget`; 0 if not even one step does."""
+    steps = budget
+    while steps > 0 and evals_per_image(pipe, scale, steps) > budget:
+        steps -= 1
+    return steps
 
 
 def plot(results: list[dict], scales: list[float], title: str) -> plt.Figure:
@@ -98,10 +120,10 @@ def plot(results: list[dict], scales: list[float], title: str) -> plt.Figure:
     fig, axes = plt.subplots(1, len(scales), figsize=(5.5 * len(scales), 4), dpi=120, squeeze=False)
     measured = [r for r in results if "fd" in r]
     for ax, s in zip(axes[0], scales):
-        for route in ROUTES:
+        for route in dict.fromkeys(r["model"] for r in results):
             rows = sorted((r for r in measured if r["model"] == route and r["scale"] == s),
                           key=lambda r: r["evals_per_image"])  # fmt: skip
-            style = dict(marker="o", linestyle="--" if "DDIM" in route else "-")
+            style = dict(marker="o", linestyle="--" if route.endswith(("DDIM", "Euler")) else "-")
             ax.plot([r["evals_per_image"] for r in rows], [r["fd"] for r in rows], label=route, **style)
         ax.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel="FD (lower is better)",
                title=f"s = {s:g}")  # fmt: skip
@@ -139,15 +161,18 @@ def run(args: argparse.Namespace) -> None:
             raise UserError(f"--run-dir {str(run_dir)!r} has no {name}; train it with train_mnist.py "
                             "(--stage step-distill adds the step-distilled students)")  # fmt: skip
     pipes = routes(run_dir, device)
-    dataset = pipes[ROUTES[0]].dataset
-    if pipes[ROUTES[2]].dataset != dataset or not pipes[ROUTES[2]].is_student or pipes[ROUTES[0]].is_student:
+    teacher, student, step_distilled = (pipes[name] for name in list(pipes)[::2])  # routes 0, 2, 4
+    dataset, flow = teacher.dataset, is_flow_run(run_dir)
+    if student.dataset != dataset or not student.is_student or teacher.is_student:
         raise UserError(f"--run-dir {str(run_dir)!r}: teacher.pt must be a {dataset} teacher and student.pt its "
                         "guided student")  # fmt: skip
-    if not pipes[ROUTES[4]]:
+    if not step_distilled:
         print(f"note: no student_{{n}}steps.pt in {run_dir}: the step-distilled route is left out")
     out = harness.Outputs.of(args, f"frontier_{dataset}.json", f"frontier_{dataset}.png")
     judge = harness.load_judge(dataset, args.data_dir, device)
-    check = divergence_check(run_dir, device, judge, args.n, args.seed[0])
+    if flow:
+        print("note: a rectified-flow run: Euler and Heun routes; no DPM-Solver++ divergence check (VP only)")
+    check = [] if flow else divergence_check(run_dir, device, judge, args.n, args.seed[0])
     results = harness.measure(cases(args, pipes), judge, args.n, table=TABLE)
     out.json(
         f"frontier_{dataset}.json",

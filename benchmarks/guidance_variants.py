@@ -4,7 +4,8 @@
 
 Rows: plain CFG and its options (guidance.CFG): guidance rescale (phi = 0.7, Lin et al. 2024), a
 guidance interval (Kynkäänniemi et al. 2024; by default EDM2's sigma in (0.28, 5.42], converted to this
-schedule's timesteps) and negative-class guidance, where each class's negative is the class the
+schedule's timesteps; on a rectified-flow teacher sigma = s / (1 - s) at s = t / T, the same noise-to-signal
+ratio) and negative-class guidance, where each class's negative is the class the
 evaluation classifier most often confuses it with (its runner-up on plain samples at s = 1). Columns:
   accuracy, FD, diversity   as in `python -m cfg_minimal.evaluate`
   ink                       mean pixel brightness relative to the real test images (> 1: over-exposed)
@@ -28,6 +29,7 @@ from cfg_minimal.evaluate import generate
 from cfg_minimal.guidance import CFG
 from cfg_minimal.metrics import classifier_stats
 from cfg_minimal.plotting import save_scale_grid
+from cfg_minimal.predictions import is_flow
 from cfg_minimal.sampling import Pipeline
 
 FIGURE_BLOCKS = {("plain", 3.0), ("plain", 10.0), ("rescale", 10.0), ("interval", 10.0), ("negative", 3.0)}
@@ -35,10 +37,20 @@ TABLE = harness.Table(["model", ("variant", "variant", "{}"), "scale", "accuracy
                        ("ink", "ink", "{:.2f}"), ("p_neg", "p(neg)", "{:.3f}"), "evals_per_image"])  # fmt: skip
 
 
+def noise_levels(pipe: Pipeline) -> torch.Tensor:
+    """EDM's sigma (noise-to-signal ratio) of each integer timestep t in [0, T) (T,), increasing in t: VP
+    sqrt((1 - abar_t) / abar_t); rectified flow (x_t = (1 - s) x_0 + s eps, s = t / T, flow.py) s / (1 - s)."""
+    scheduler = pipe.scheduler
+    if is_flow(getattr(scheduler, "prediction_type", None)):
+        s = torch.arange(scheduler.num_train_timesteps, dtype=torch.float64) / scheduler.num_train_timesteps  # (T,)
+        return s / (1 - s)
+    abar = scheduler.alphas_cumprod
+    return ((1 - abar) / abar).sqrt()  # (T,)
+
+
 def sigma_interval_to_timesteps(pipe: Pipeline, sigma_lo: float, sigma_hi: float) -> tuple[int, int]:
-    """The timesteps whose noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (sigma_lo, sigma_hi]."""
-    abar = pipe.scheduler.alphas_cumprod
-    sigma = ((1 - abar) / abar).sqrt()  # (T,) increasing in t
+    """The timesteps whose noise level sigma_t (`noise_levels`) lies in (sigma_lo, sigma_hi]."""
+    sigma = noise_levels(pipe)  # (T,) increasing in t
     inside = ((sigma > sigma_lo) & (sigma <= sigma_hi)).nonzero().flatten()
     if len(inside) == 0:
         raise UserError(f"--sigma-interval {sigma_lo:g} {sigma_hi:g} holds no timestep of this schedule (its sigma_t "
@@ -122,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = harness.parser("guidance_variants", __doc__, n=500)
     p.add_argument("--teacher", default="runs/digits/teacher.pt", help="default: runs/digits/teacher.pt")
     p.add_argument("--student", default=None, help="its distilled student (optional)")
-    p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps (default: 50)")
+    p.add_argument(
+        "--sampling-steps", type=int, default=50, help="DDIM steps (flow Euler for a flow teacher; default: 50)"
+    )
     p.add_argument("--phi", type=float, default=0.7, help="guidance rescale phi (default: 0.7)")
     p.add_argument("--sigma-interval", type=float, nargs=2, default=[0.28, 5.42], metavar=("LO", "HI"),
                    help="guide where sigma_t is in (LO, HI] (default: EDM2's 0.28 5.42)")  # fmt: skip

@@ -11,6 +11,8 @@ which, with +compile, includes the compilation: reported as its own column). Var
   tf32      float32 storage, TF32 matrix products and convolutions (CUDA)
   bf16      bf16 autocast as loop.fit uses on CUDA, TF32 for what stays float32
   +channels_last, +compile   loop.fit's OptimConfig.channels_last / .compile
+  +reduce_overhead           compile in mode "reduce-overhead": forward and backward replayed as CUDA graphs
+  +fused                     fused AdamW (OptimConfig.fused); these two are CUDA only
 Prints a markdown table and writes its rows to OUT/train_throughput.json.
 """
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from benchmarks import harness
 from cfg_minimal import ARCHITECTURES, UserError, build_model, pick_device
 from cfg_minimal.distributed import device_name
-from cfg_minimal.loop import ema_update
+from cfg_minimal.loop import OptimConfig, compile_mode_on, ema_update, make_optimizer
 
 WARMUP_STEPS = 3
 TABLE = harness.Table([("arch", "arch", "{}"), ("image", "image", "{}"), ("parameters", "parameters", "{:.2f}M"),
@@ -44,8 +46,12 @@ def one_config(
     layout = torch.channels_last if "channels_last" in parts else torch.contiguous_format
     model = build_model(arch, image_size=size).to(device, memory_format=layout).train()
     ema = build_model(arch, image_size=size).to(device).requires_grad_(False)
-    net = torch.compile(model) if "compile" in parts else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    graphs = "reduce_overhead" in parts  # as loop.fit compiles and builds its optimizer, from an OptimConfig
+    optim = OptimConfig(lr=1e-4, compile="compile" in parts or graphs, fused="fused" in parts,
+                        compile_mode="reduce-overhead" if graphs else "default")  # fmt: skip
+    mode = compile_mode_on(device, optim)
+    net = model if mode is None else torch.compile(model, mode=mode)
+    opt = make_optimizer(model, optim)
     x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=layout)  # (B, 1, H, W)
     t = torch.randint(0, 1000, (batch,), device=device)  # (B,)
     y = torch.randint(0, 10, (batch,), device=device)  # (B,)
@@ -65,7 +71,8 @@ def one_config(
     return batch / statistics.median(times[WARMUP_STEPS:]), times[0]
 
 
-PRECISIONS, SWITCHES = ("fp32", "tf32", "bf16"), ("channels_last", "compile")
+PRECISIONS, SWITCHES = ("fp32", "tf32", "bf16"), ("channels_last", "compile", "reduce_overhead", "fused")
+CUDA_SWITCHES = ("reduce_overhead", "fused")
 
 
 def check_args(args: argparse.Namespace, device: torch.device) -> None:
@@ -79,6 +86,9 @@ def check_args(args: argparse.Namespace, device: torch.device) -> None:
         if precision != "fp32" and device.type != "cuda":
             raise UserError(f"--variants {variant!r}: {precision} changes nothing on {device.type} (CUDA only), so "
                             "its row would be fp32 under another name; use fp32 there")  # fmt: skip
+        if set(switches) & set(CUDA_SWITCHES) and device.type != "cuda":
+            raise UserError(f"--variants {variant!r}: +{' and +'.join(CUDA_SWITCHES)} are CUDA only (on "
+                            f"{device.type} the row would be another variant under another name)")  # fmt: skip
     for arch in args.archs:
         if arch not in ARCHITECTURES:
             raise UserError(f"--archs {arch!r}: unknown architecture; choose from {', '.join(ARCHITECTURES)}")

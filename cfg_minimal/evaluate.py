@@ -18,6 +18,7 @@ are there already are refused, before any sampling, unless --overwrite.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -64,7 +65,12 @@ def generate(
 
 
 def evals_per_image(pipe: Pipeline, scale: float, num_steps: int) -> int:
-    return num_steps * (1 if pipe.is_student or scale in (0.0, 1.0) else 2)
+    """Network evaluations per image of `num_steps` sampling steps at `scale`: one per timestep the scheduler
+    visits for that many steps (2n - 1 for flow Heun, which lists inner grid points twice), times the passes
+    (two for a teacher at s other than 0 and 1). Read from a copy of the scheduler: the pipe's keeps its state."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(num_steps)
+    return len(scheduler.timesteps) * (1 if pipe.is_student or scale in (0.0, 1.0) else 2)
 
 
 def sweep(

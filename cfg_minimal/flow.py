@@ -15,6 +15,9 @@ dx/dsigma = v from x_1 = eps (pure noise, `init_noise_sigma` 1) down to sigma = 
 
 with sigma_min = shift(1 / T), the smallest sigma of the shifted training grid; as diffusers does, the n points
 are spaced evenly in t before the shift and the shift is then applied to all of them (sigma_min included).
+`timestep_spacing` 'aligned' (this project's, for step distillation, as DDIM's 'aligned') takes instead every
+(B / n)-th point of that grid of B = `aligned_base` points, from sigma_0 = 1 down, then sigma_n = 0: the grid of
+n / 2 steps is every other point of the grid of n, so each step of a halved sampler spans exactly two.
 A larger s keeps more steps at high noise: SD3 samples 1024-pixel images with s = 3, FLUX with e^1.15 = 3.2 (its
 resolution-dependent shift); 16- and 28-pixel digits start from s = 1. Parity with diffusers step by step is
 tested in tests/test_flow.py.
@@ -69,7 +72,13 @@ class _FlowScheduler:
 
     init_noise_sigma = 1.0  # x_1 = eps: the sampler starts from the standard normal noise itself
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, prediction_type: str = FLOW):
+    def __init__(
+        self, num_train_timesteps: int = 1000, shift: float = 1.0, prediction_type: str = FLOW,
+        timestep_spacing: str = "linspace", aligned_base: int = 64
+    ):  # fmt: skip
+        if timestep_spacing not in ("linspace", "aligned"):
+            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose linspace or aligned")
+        self.timestep_spacing, self.aligned_base = timestep_spacing, aligned_base
         if prediction_type != FLOW:
             raise ValueError(f"the flow samplers drive a flow_prediction model, got prediction_type "
                              f"{prediction_type!r}: sample eps or v models with ddim, ddpm or dpmsolver++")  # fmt: skip
@@ -88,8 +97,13 @@ class _FlowScheduler:
         n, T = num_inference_steps, self.num_train_timesteps
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
-        t = np.linspace(self.sigma_max * T, self.sigma_min * T, n)  # (n,) float64, evenly spaced before the shift
-        sigmas = torch.from_numpy(shift_sigmas(t / T, self.shift)).float()  # (n,)
+        points, every = n, 1
+        if self.timestep_spacing == "aligned":
+            if self.aligned_base % n:
+                raise ValueError(f"'aligned' spacing needs num_inference_steps dividing {self.aligned_base}, got {n}")
+            points, every = self.aligned_base, self.aligned_base // n
+        t = np.linspace(self.sigma_max * T, self.sigma_min * T, points)  # (points,) evenly spaced before the shift
+        sigmas = torch.from_numpy(shift_sigmas(t / T, self.shift)).float()[::every]  # (n,)
         self.num_inference_steps = n
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])  # (n + 1,)
         self.timesteps = sigmas * T  # (n,)

@@ -254,4 +254,4 @@ def objective_loss(cfg: TeacherConfig, scheduler: DDPMScheduler | FlowMatchEuler
     if cfg.objective == "mg":
         return ModelGuidanceLoss(scheduler, cfg.timestep_sampling, null_class=null_class, p_uncond=cfg.p_uncond,
                                  scale=cfg.mg_scale, start=cfg.mg_start, t_max=cfg.mg_t_max)  # fmt: skip
-    return diffusion_loss(scheduler, cfg.timestep_sampling)
+    return diffusion_loss(scheduler, cfg.timestep_sampling, cfg.min_snr_gamma)

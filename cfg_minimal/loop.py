@@ -49,11 +49,19 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # largest gradient norm
     ema_decay: float = 0.999  # sampling uses the EMA weights
+    ema_warmup: float = 9.0  # the decay at train step t is min(ema_decay, (1 + t) / (1 + ema_warmup + t)): the EMA
+    # averages about the last 1 / ema_warmup of the train steps until the decay reaches ema_decay (train step
+    # ~ema_warmup / (1 - ema_decay); a power-function EMA, Karras et al. 2024); 9 is the common (1 + t) / (10 + t)
     checkpoint_every: int = 500  # train steps between checkpoints (one is also written at the end and on Ctrl-C)
     seed: int = 0
     device: str = "auto"  # auto: CUDA, then MPS, then CPU
     channels_last: bool = False  # NHWC convolutions: speed only, the same model
     compile: bool = False  # torch.compile the network: speed only, after a compile of tens of seconds
+    # torch.compile's mode (COMPILE_MODES; with compile only): "reduce-overhead" replays the network's forward and
+    # backward as CUDA graphs (one launch instead of hundreds: what pays on a launch-bound model). The CUDA-graph
+    # modes need CUDA: on another device the network is compiled in "default" mode, and one line says so.
+    compile_mode: str = "default"
+    fused: bool = False  # fused AdamW (the same update in a few kernels) on CUDA; elsewhere plain AdamW, one line says
 
 
 @dataclass
@@ -96,7 +104,7 @@ def fit(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             run.optimizer.step()
-            ema_update(run.ema, model, min(optim.ema_decay, (1 + step) / (10 + step)))  # EMA, warmed up
+            ema_update(run.ema, model, ema_decay_at(step, optim))  # EMA, warmed up
             run.end_step(loss, stop_requested())  # log; check the loss; checkpoint when due; stop when asked
     return run.finish()
 
@@ -108,7 +116,54 @@ def prepare(model: nn.Module, device: torch.device, optim: OptimConfig) -> nn.Mo
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     net = distributed.wrap(model, device)  # DDP (gradients averaged over processes) or model itself
-    return torch.compile(net) if optim.compile else net
+    mode = compile_mode_on(device, optim)
+    # Dynamo keys its compiled graph on the code and the tensors' shapes, not on the module object: a later stage
+    # (or round) with the same architecture reuses the graph, so a run compiles once per architecture, not per stage
+    return net if mode is None else torch.compile(net, mode=mode)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # capture CUDA graphs: CUDA only
+
+
+def compile_mode_on(device: torch.device, optim: OptimConfig) -> str | None:
+    """The torch.compile mode `fit` uses on `device`: None without optim.compile; a CUDA-graph mode on another
+    device falls back to "default" (the same network and maths; graphs only remove launches), with one line."""
+    if not optim.compile:
+        return None
+    check_optim(replace(optim, max_train_steps=1))  # an unknown mode: the one-line message, not torch's
+    if optim.compile_mode in CUDA_GRAPH_MODES and device.type != "cuda":
+        speed_note(f"compile_mode={optim.compile_mode!r} captures CUDA graphs, which need CUDA: on {device.type} "
+                   "the network is compiled in the 'default' mode")  # fmt: skip
+        return "default"
+    return optim.compile_mode
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `model`'s parameters: fused (one multi-tensor kernel, the same update up to rounding) when
+    optim.fused and the parameters are on CUDA; elsewhere AdamW's own default, with one line if fused was asked."""
+    fused = fused_on(next(model.parameters()).device, optim)
+    return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=fused or None)
+
+
+def fused_on(device: torch.device, optim: OptimConfig) -> bool:
+    """Whether AdamW runs fused on `device`: where asked and on CUDA (one line when asked elsewhere)."""
+    if optim.fused and device.type != "cuda":
+        speed_note(f"fused=True: fused AdamW is used on CUDA only; on {device.type} AdamW runs unfused")
+    return optim.fused and device.type == "cuda"
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved optimizer state, keeping this run's kernel choice (fused or not): a run saved with fused
+    AdamW on CUDA resumes unfused on the CPU and back (torch places each step counter by the group's choice)."""
+    kernels = {k: optimizer.param_groups[0].get(k) for k in ("fused", "foreach")}
+    optimizer.load_state_dict({**state, "param_groups": [{**g, **kernels} for g in state["param_groups"]]})
+
+
+def speed_note(message: str) -> None:
+    """One line about a speed setting that does not apply here (printed by the main process only)."""
+    if distributed.is_main():
+        print(f"note: {message}")
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
@@ -117,6 +172,11 @@ def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def ema_decay_at(step: int, optim: OptimConfig) -> float:
+    """The EMA decay at train step `step` (0-based): min(ema_decay, (1 + step) / (1 + ema_warmup + step))."""
+    return min(optim.ema_decay, (1 + step) / (1 + optim.ema_warmup + step))
 
 
 @torch.no_grad()
@@ -166,7 +226,7 @@ class Run:
         self.model, self.optim, self.path, self.metadata, self.batches = model, optim, Path(path), metadata, batches
         self.max_train_steps, self.log_every = optim.max_train_steps, log_every
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        self.optimizer = make_optimizer(model, optim)  # AdamW, fused on CUDA when optim.fused
         self.train_step, self.losses = 0, []
         self.lr_history = [[0, optim.lr]]  # [train_step, lr] at each change of the learning rate (resume.py)
         self.window_sum, self.window_len = torch.zeros(()), 0  # the losses since the last logged mean
@@ -253,7 +313,7 @@ class Run:
         """Continue from a checkpoint: exactly when it was written by as many processes as run now."""
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"])
         self.train_step, self.losses = ckpt["train_step"], list(ckpt["losses"])
         self.lr_history = [list(change) for change in ckpt.get("lr_history") or self.lr_history]
         self.window_sum = torch.tensor(float(ckpt["loss_window_sum"]))
@@ -288,9 +348,12 @@ def check_optim(optim: OptimConfig) -> None:
         "weight_decay": math.isfinite(optim.weight_decay) and optim.weight_decay >= 0,
         "grad_clip": optim.grad_clip > 0,
         "ema_decay": 0 <= optim.ema_decay < 1,
+        "ema_warmup": math.isfinite(optim.ema_warmup) and optim.ema_warmup >= 0,
         "checkpoint_every": optim.checkpoint_every >= 1,
+        "compile_mode": optim.compile_mode in COMPILE_MODES and (optim.compile or optim.compile_mode == "default"),
     }
     bad = [f"{name}={getattr(optim, name)}" for name, fine in ok.items() if not fine]
     if bad:
         raise UserError(f"invalid training settings: {', '.join(bad)} (train steps, batch sizes and intervals are "
-                        "positive integers, the learning rate a positive number, 0 <= ema_decay < 1)")  # fmt: skip
+                        "positive integers, the learning rate a positive number, 0 <= ema_decay < 1, ema_warmup >= 0, "
+                        f"compile_mode one of {', '.join(COMPILE_MODES)}; not 'default' without compile)")  # fmt: skip

@@ -45,9 +45,10 @@ def existing_run(path: Path, kind: str, if_exists: str) -> dict[str, Any] | None
 
 # What a resumed run takes from the command that resumes it; every other setting must equal the stored one.
 # The learning rate may change so that a run whose loss turned NaN can go on from its last checkpoint;
-# channels_last and compile change speed, not the model.
+# channels_last, compile, compile_mode and fused change speed, not the model (fused AdamW is the same update).
+SPEED_SWITCHES = ("channels_last", "compile", "compile_mode", "fused")
 CHANGEABLE_ON_RESUME = ("data_dir", "optim.device", "optim.checkpoint_every", "optim.max_train_steps", "optim.lr",
-                        "optim.channels_last", "optim.compile")  # fmt: skip
+                        *(f"optim.{k}" for k in SPEED_SWITCHES))  # fmt: skip
 
 
 def resume_config(
@@ -79,7 +80,7 @@ def resume_config(
             f"--resume: this run is already at train step {ckpt['train_step']}, past the "
             f"{now['optim.max_train_steps']} train steps asked for; ask for at least that many"
         )
-    changed = ("device", "checkpoint_every", "max_train_steps", "lr", "channels_last", "compile")
+    changed = ("device", "checkpoint_every", "max_train_steps", "lr", *SPEED_SWITCHES)
     optim = replace(stored.optim, **{k: now[f"optim.{k}"] for k in changed})
     history = [list(change) for change in ckpt.get("lr_history") or [[0, stored.optim.lr]]]
     if optim.lr != history[-1][1]:  # a change at the train step of the last change replaces it

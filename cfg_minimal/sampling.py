@@ -235,13 +235,14 @@ def load_pipeline(
     device = pick_device(str(device))
     ckpt = require(load_checkpoint(path), DATASET_KEYS, path)
     config = ckpt["scheduler_config"]
-    scheduler = default_sampler(config) if scheduler is None else scheduler
+    own = default_sampler(config)  # ddim, or euler for a flow model: the one a step-distilled model was trained on
+    scheduler = own if scheduler is None else scheduler
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
     check_sampler(scheduler, config, repr(str(path)))  # a flow model's samplers are euler and heun, and only it
-    if scheduler != "ddim" and "sampling_steps" in ckpt:
-        raise UserError(f"{str(path)!r} was step-distilled for {ckpt['sampling_steps']} DDIM sampling steps on "
-                        "its own grid; sample it with the ddim sampler")  # fmt: skip
+    if scheduler != own and "sampling_steps" in ckpt:
+        raise UserError(f"{str(path)!r} was step-distilled for {ckpt['sampling_steps']} {own.upper()} sampling steps "
+                        f"on its own grid; sample it with the {own} sampler")  # fmt: skip
     if scheduler == "dpmsolver++":  # its own timestep spacings; the noise schedule and prediction are the model's
         config = {k: config[k] for k in ("num_train_timesteps", "beta_schedule", "prediction_type") if k in config}
     if ckpt["kind"] == "student" and getattr(SCHEDULERS[scheduler], "needs_unconditional_output", False):

@@ -26,7 +26,7 @@ import torch
 
 from . import predictions
 from .errors import UserError
-from .flow import FlowMatchEulerScheduler, FlowMatchHeunScheduler
+from .flow import FlowMatchEulerScheduler, FlowMatchHeunScheduler, sample_sigmas
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "aligned")
@@ -129,10 +129,14 @@ class _Scheduler:
     def training_timesteps(
         self, n: int, device: torch.device | str, timestep_sampling: str = "uniform"
     ) -> torch.Tensor:  # fmt: skip
-        """n training timesteps (n,): integers uniform in [0, T) (Ho et al. 2020, Algorithm 1), the only density
-        written for this process (flow.sample_sigmas has SD3's logit-normal)."""
+        """n training timesteps (n,): integers uniform in [0, T) (Ho et al. 2020, Algorithm 1), or with
+        'logit_normal' floor(u T) for u from SD3's logit-normal density (flow.sample_sigmas), which puts the
+        train steps on the middle timesteps."""
+        if timestep_sampling == "logit_normal":
+            u = sample_sigmas(n, timestep_sampling, device)  # (n,) in (0, 1)
+            return (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)  # (n,)
         if timestep_sampling != "uniform":
-            raise ValueError(f"an eps or v model draws its timesteps uniformly, got {timestep_sampling!r}")
+            raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}; choose logit_normal or uniform")
         return torch.randint(0, self.num_train_timesteps, (n,), device=device)  # (n,)
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ its implied x_0 is regressed on x~ (`step_distillation_loss`). Both grids use th
 'aligned' spacing (schedulers.py), so the n/2-step grid is every other point of the n-step grid.
 The checkpoint records its sampling steps and spacing: `load_pipeline` samples with the steps it was trained for.
 A round is one call of loop.fit, starting from the previous model's EMA weights.
+
+A rectified-flow student (prediction_type 'flow_prediction', flow.py) is halved the same way on the Euler
+sampler's grid of sigmas ('aligned' too, with the shift it was trained with): one student Euler step
+sigma_a -> sigma_c covers two of the previous model's, sigma_a -> sigma_b -> sigma_c, and its velocity is
+regressed on the one velocity that lands where they land (`flow_two_step_target`, `flow_step_distillation_loss`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from .loop import LossFn, OptimConfig, fit
 from .models import DiffusionModel
 from .predictions import eps_from_x0, is_flow, to_eps, to_x0
 from .resume import existing_run, resume_config
-from .schedulers import DDIMScheduler
+from .schedulers import DDIMScheduler, FlowMatchEulerScheduler
 
 
 @dataclass
@@ -126,11 +131,14 @@ def step_distillation_loss(
 ) -> LossFn:
     """max(SNR_t, 1) || clip(x_0 of the student) - x~ ||^2, at a random point t of the halved grid per sample.
 
-    The student's and the previous model's outputs are of the scheduler_config's `prediction_type`.
+    The student's and the previous model's outputs are of the scheduler_config's `prediction_type`; a flow
+    model's round is `flow_step_distillation_loss`.
 
     The weight is Salimans & Ho's "truncated SNR" (an eps-MSE where SNR > 1, an x_0-MSE where noise
     dominates). The clip is the sampler's; its gradient passes straight through, so an x_0 clipped onto
     the target costs nothing while one clipped on the wrong side is still pulled back."""
+    if is_flow(scheduler_config.get("prediction_type")):
+        return flow_step_distillation_loss(previous, scheduler_config, n_previous, scales)
     fine = DDIMScheduler(**scheduler_config)
     fine.set_timesteps(n_previous)
     # The previous sampler's points, then its end (t = -1, abar = final_alpha_cumprod): the student's
@@ -159,6 +167,72 @@ def step_distillation_loss(
     return loss_fn
 
 
+@torch.no_grad()
+def flow_two_step_target(
+    previous: DiffusionModel,
+    x_a: torch.Tensor,
+    y: torch.Tensor,
+    s: torch.Tensor,
+    timesteps: torch.Tensor,
+    sigmas: torch.Tensor,
+) -> torch.Tensor:
+    """v~ for x_a (B, C, H, W): the one velocity whose Euler step sigma_a -> sigma_c lands where two Euler steps
+    of the previous (guided) model land, sigma_a -> sigma_b -> sigma_c:
+
+        1. v_a = v(x_a, sigma_a),  x_b = x_a + (sigma_b - sigma_a) v_a      (FlowMatchEulerScheduler.step)
+        2. v_b = v(x_b, sigma_b),  x_c = x_b + (sigma_c - sigma_b) v_b
+        3. v~  = (x_a - x_c) / (sigma_a - sigma_c)
+               = ((sigma_a - sigma_b) v_a + (sigma_b - sigma_c) v_b) / (sigma_a - sigma_c)
+
+    so that x_a + (sigma_c - sigma_a) v~ = x_c exactly: the flow form of Salimans & Ho's x~ (an Euler step is
+    affine in its velocity, as a DDIM step is in its x_0). timesteps, sigmas: (B, 3) per sample, the previous
+    sampler's t_k = sigma_k T and sigma_k at a, b, c (c may be the end, sigma = 0, where no network runs).
+    All samples step at once, each from its own grid point."""
+    x = x_a
+    for j in (0, 1):
+        v = guided_noise_pred(previous, x, timesteps[:, j], y, s)  # (B, C, H, W) the guided velocity
+        x = x + (sigmas[:, j + 1] - sigmas[:, j]).view(-1, 1, 1, 1) * v  # (B, C, H, W) Euler
+    return (x_a - x) / (sigmas[:, 0] - sigmas[:, 2]).view(-1, 1, 1, 1)  # (B, C, H, W)
+
+
+def flow_step_distillation_loss(
+    previous: DiffusionModel, scheduler_config: dict, n_previous: int, scales: DistillConfig
+) -> LossFn:
+    """|| v_student(x_a, sigma_a, y, s) - v~ ||^2 at a random point sigma_a of the halved Euler grid per sample.
+
+    Progressive halving on the flow grid (Salimans & Ho 2022, with rectified flow's Euler step in place of DDIM's):
+
+        1. per sample a student step k, from sigma_a = sigma_2k to sigma_c = sigma_2k+2 of the previous grid
+        2. x_a = (1 - sigma_a) x_0 + sigma_a eps                           (flow.py, Esser et al. 2024, eq. 13)
+        3. s from the student's range, as the guided student learnt it      (distill.sample_scales)
+        4. v~ = (x_a - x_c) / (sigma_a - sigma_c), x_c two Euler steps of the previous model   (flow_two_step_target)
+        5. the velocity MSE, unweighted, the flow teacher's own loss: with x_0 = x_a - sigma_a v it is
+           (1 + sqrt(SNR))^2 || x_0 error ||^2, SNR = ((1 - sigma_a) / sigma_a)^2, never below 1 where noise
+           dominates, as Salimans & Ho's max(SNR, 1) on the eps path
+
+    Why this route and not a shortcut or consistency target: the student is an Euler step of the same network, so
+    the sampler, the checkpoint and the Pipeline stay as they are (only the grid is 'aligned'); the target is exact
+    (a student that meets it reproduces the previous model's two steps, no bootstrap from its own outputs), and it
+    needs no step-size input (shortcut models, Frans et al. 2024) and no re-noising sampler (consistency models).
+    There is no clip: the flow sampler does not clip x_0."""
+    fine = FlowMatchEulerScheduler(**scheduler_config)
+    fine.set_timesteps(n_previous)
+    points = torch.cat([fine.timesteps, torch.zeros(1)])  # (n + 1,) t_k = sigma_k T, then the end (t = 0)
+    spans = torch.arange(0, n_previous, 2)[:, None] + torch.arange(3)  # (n/2, 3) point indices of each step
+    steps_t, steps_sigma = points[spans], fine.sigmas[spans]  # (n/2, 3) each
+
+    def loss_fn(student: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        k = torch.randint(0, len(spans), (x0.shape[0],))  # (B,) the student's step per sample
+        t, sigma = steps_t[k].to(x0.device), steps_sigma[k].to(x0.device)  # (B, 3) each
+        x_a = fine.add_noise(x0, torch.randn_like(x0), t[:, 0])  # (B, C, H, W)
+        s = sample_scales(x0.shape[0], scales, x0.device)  # (B,)
+        v_target = flow_two_step_target(previous, x_a, y, s, t, sigma)  # (B, C, H, W)
+        v_student = student(x_a, t[:, 0], y, guidance=s).float()  # (B, C, H, W)
+        return (v_student - v_target.float()).pow(2).mean()
+
+    return loss_fn
+
+
 # What a round's checkpoint inherits from the model it halves, besides DATASET_KEYS (not the training state).
 CARRIED = ("kind", "model_config", "guidance_range", "distill_config", "teacher_config")
 
@@ -170,18 +244,13 @@ def halve_sampling_steps(
 
     The first round halves `cfg.start_sampling_steps`, or the sampling steps the checkpoint was distilled to."""
     previous = load_checkpoint(student, kind="student")
-    if is_flow(previous["scheduler_config"].get("prediction_type")):
-        raise UserError(f"{str(student)!r} is a rectified-flow student: step distillation halves DDIM's grid of an "
-                        "eps or v model and is not written for flow models yet")  # fmt: skip
     trained_for = previous.get("sampling_steps")  # set when the checkpoint is already step-distilled
     if trained_for is not None and cfg.start_sampling_steps not in (None, trained_for):
         raise UserError(f"{str(student)!r} was step-distilled to {trained_for} sampling steps; "
                         f"--start-sampling-steps must be {trained_for} (or left out)")  # fmt: skip
     n_previous = cfg.start_sampling_steps or trained_for or 64
     sizes = round_sizes(n_previous, cfg.target_sampling_steps)
-    if previous["scheduler_config"].get("timestep_spacing") != "aligned":  # the guided student: grid of n_previous
-        previous["scheduler_config"] = {**previous["scheduler_config"], "timestep_spacing": "aligned",
-                                        "aligned_base": n_previous}  # fmt: skip
+    previous["scheduler_config"] = aligned_config(previous["scheduler_config"], n_previous)
     with distributed.main_first():  # under torchrun rank 0 downloads, the others then read its copy
         data = load_dataset(previous["dataset"], cfg.data_dir, train=True)
     paths = []
@@ -192,6 +261,16 @@ def halve_sampling_steps(
         previous, n_previous = load_checkpoint(path, kind="student"), n
         paths.append(path)
     return paths
+
+
+def aligned_config(config: dict[str, Any], n_previous: int) -> dict[str, Any]:
+    """The scheduler_config of the first round's grid (DDIM's, or for a flow model Euler's with its shift written
+    out): 'aligned' on the previous model's n_previous sampling steps. A config already aligned (a step-distilled
+    student's) is kept."""
+    if config.get("timestep_spacing") == "aligned":
+        return config
+    flow = {"shift": config.get("shift", 1.0)} if is_flow(config.get("prediction_type")) else {}
+    return {**config, **flow, "timestep_spacing": "aligned", "aligned_base": n_previous}
 
 
 def distill_round(

@@ -7,7 +7,9 @@ learns v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 instead (Salimans & Ho 2022; 
 With 'flow_prediction' the process is rectified flow instead (flow.py):
     L = E_{x_0, y, sigma, eps} || (eps - x_0) - v_theta((1 - sigma) x_0 + sigma eps, sigma T, y_dropped) ||^2
 (Liu et al. 2023, eq. 1; Esser et al. 2024, eq. 13), sigma from SD3's logit-normal density (eq. 19) or
-uniform (`timestep_sampling`). The prediction type is stored in the checkpoint's scheduler_config, which every
+uniform (`timestep_sampling`; an eps or v teacher may draw its integer t = floor(u T) from the same density).
+`min_snr_gamma` weights an eps or v loss per timestep by min(SNR_t, gamma) / SNR_t (/ (SNR_t + 1) for v; Hang
+et al. 2023: min_snr_weight). The prediction type is stored in the checkpoint's scheduler_config, which every
 model distilled from it inherits; it alone says which process a checkpoint was trained on. The model starts
 from scratch; the loop is loop.fit. `TeacherConfig.objective` 'gft' or 'mg' swaps this loss for one that trains
 guidance into the model itself (guidance_free.py), on the same process and prediction type.
@@ -15,6 +17,7 @@ guidance into the model itself (guidance_free.py), on the same process and predi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,9 @@ class TeacherConfig:
     num_train_timesteps: int = 1000
     prediction_type: str = "epsilon"  # what the network outputs: "epsilon", "v_prediction", or "flow_prediction"
     # (rectified flow: then beta_schedule is not used)
-    timestep_sampling: str | None = None  # "logit_normal" or "uniform" (flow only); None: logit_normal for flow
+    timestep_sampling: str | None = None  # "logit_normal" (SD3) or "uniform"; None: logit_normal for flow, else uniform
+    min_snr_gamma: float | None = None  # eps / v: weight each timestep's loss by min(SNR, gamma) / SNR (Hang et al.
+    # 2023; / (SNR + 1) for v); None: the plain loss
     # The loss (guidance_free.py): "diffusion" (the plain one below: a CFG teacher), or guidance trained into one
     # model that samples in one pass: "gft" (the scale s as an input) or "mg" (the target carries the guidance)
     objective: str = "diffusion"
@@ -56,15 +61,32 @@ class TeacherConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # batch 128, lr 2e-3, 100 warm-up train steps
 
 
-def diffusion_loss(scheduler: DDPMScheduler | FlowMatchEulerScheduler, timestep_sampling: str = "uniform") -> LossFn:
+def diffusion_loss(
+    scheduler: DDPMScheduler | FlowMatchEulerScheduler, timestep_sampling: str = "uniform",
+    min_snr_gamma: float | None = None,
+) -> LossFn:  # fmt: skip
     """The MSE to the scheduler's `prediction_type` target (eps, v or the flow velocity) at timesteps drawn as its
-    process does (`training_point`); `model` may be wrapped in DDP."""
+    process does (`training_point`), each sample's error weighted by `min_snr_weight` when `min_snr_gamma` is
+    given; `model` may be wrapped in DDP."""
 
     def loss_fn(model: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t, x_t, target = training_point(scheduler, x0, timestep_sampling)
-        return F.mse_loss(model(x_t, t, y).float(), target)
+        if min_snr_gamma is None:
+            return F.mse_loss(model(x_t, t, y).float(), target)
+        error = (model(x_t, t, y).float() - target).pow(2).flatten(1).mean(1)  # (B,)
+        return (min_snr_weight(scheduler, t, min_snr_gamma) * error).mean()
 
     return loss_fn
+
+
+def min_snr_weight(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (B,) (Hang et al. 2023, eq. 13 in x_0 terms): the x_0 error is weighted by
+    min(SNR_t, gamma), SNR_t = abar_t / (1 - abar_t); an eps error is SNR_t times an x_0 error, so eps takes
+    min(SNR_t, gamma) / SNR_t, and a v error (SNR_t + 1) times one, so v takes min(SNR_t, gamma) / (SNR_t + 1).
+    Low-noise timesteps, whose error is easy and whose gradients fight the others', count less."""
+    abar = scheduler.alphas_cumprod_on(t.device)[t]  # (B,)
+    snr = abar / (1 - abar)  # (B,)
+    return snr.clamp(max=gamma) / (snr + 1 if scheduler.prediction_type == "v_prediction" else snr)  # (B,)
 
 
 def training_point(
@@ -89,15 +111,24 @@ def schedule_config(cfg: TeacherConfig) -> dict[str, Any]:
 
 
 def timestep_sampling(cfg: TeacherConfig) -> str:
-    """cfg.timestep_sampling, None resolved (logit_normal for flow as SD3 trains, uniform for eps and v), or a
-    UserError: an eps or v teacher draws its integer timesteps uniformly."""
-    flow = is_flow(cfg.prediction_type)
-    sampling = cfg.timestep_sampling or ("logit_normal" if flow else "uniform")
-    allowed = TIMESTEP_SAMPLINGS if flow else ("uniform",)
-    if sampling not in allowed:
-        raise UserError(f"timestep_sampling {sampling!r} does not apply to a {cfg.prediction_type} teacher; choose "
-                        f"{' or '.join(allowed)} (logit_normal is SD3's, for flow_prediction)")  # fmt: skip
+    """cfg.timestep_sampling, None resolved (logit_normal for flow as SD3 trains, uniform for eps and v as DDPM
+    does), or a UserError naming the choices."""
+    sampling = cfg.timestep_sampling or ("logit_normal" if is_flow(cfg.prediction_type) else "uniform")
+    if sampling not in TIMESTEP_SAMPLINGS:
+        raise UserError(f"timestep_sampling must be {' or '.join(TIMESTEP_SAMPLINGS)}, got {sampling!r}")
     return sampling
+
+
+def check_min_snr(cfg: TeacherConfig) -> None:
+    """cfg.min_snr_gamma None, or a positive number on an eps / v teacher with the plain objective; else a UserError."""
+    gamma = cfg.min_snr_gamma
+    if gamma is None:
+        return
+    if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and math.isfinite(gamma) and gamma > 0):
+        raise UserError(f"min_snr_gamma must be a positive number (5 is Hang et al.'s), got {gamma!r}")
+    if is_flow(cfg.prediction_type) or cfg.objective != "diffusion":
+        raise UserError(f"min_snr_gamma weights the plain eps / v loss; this run trains {cfg.prediction_type} with "
+                        f"objective {cfg.objective!r}: leave it out")  # fmt: skip
 
 
 def train_teacher(
@@ -123,6 +154,7 @@ def train_teacher(
     from .guidance_free import check_objective, objective_loss, objective_metadata, objective_model_settings
 
     check_objective(cfg)
+    check_min_snr(cfg)
     torch.manual_seed(cfg.optim.seed)  # the same initial weights in every process
     with distributed.main_first():  # rank 0 downloads, the others then read its copy
         data = load_dataset(cfg.dataset, cfg.data_dir, train=True)

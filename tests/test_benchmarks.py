@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import frontier, harness, sampling, step_distillation, time_to_quality
+from benchmarks import frontier, guidance_routes, harness, sampling, step_distillation, time_to_quality
 from cfg_minimal import (
     DistillConfig,
     StepDistillConfig,
@@ -23,10 +23,11 @@ from cfg_minimal import (
     train_teacher,
     with_optim,
 )
+from cfg_minimal.evaluate import evals_per_image
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["end_to_end", "frontier", "guidance_variants", "guiders", "sampling", "step_distillation",
-              "time_to_quality", "train_throughput"]  # fmt: skip
+BENCHMARKS = ["end_to_end", "frontier", "guidance_routes", "guidance_variants", "guiders", "sampling",
+              "step_distillation", "time_to_quality", "train_throughput"]  # fmt: skip
 N = ["--n", "20", "--device", "cpu"]  # two samples per class
 
 
@@ -164,6 +165,7 @@ def refusal_args(name: str, run: Path) -> tuple[list, str]:
     return {
         "end_to_end": (["--dataset", "digits", "--teacher-train-steps", "2"], "end_to_end.json"),
         "frontier": (["--run-dir", run], "frontier_digits.png"),
+        "guidance_routes": (["--dataset", "digits", "--teacher-train-steps", "2"], "guidance_routes_digits.json"),
         "guidance_variants": (["--teacher", teacher], "guidance_variants.png"),
         "guiders": (["--dataset", "digits", "--ckpt", teacher], "guiders_digits.json"),
         "sampling": (["--arch", "unet-tiny", "--batch-sizes", "2", "--sampling-steps", "2"], "sampling.json"),
@@ -218,6 +220,29 @@ def test_time_to_quality_trains_each_variant_into_its_folder_and_refuses_to_trai
     assert files(tmp_path) == {k: v for k, v in before.items() if k != "time_to_quality.json"}
     code, _, err = call(time_to_quality.main, [*args[:4], "--variant", "a:lr=1e-3", *args[4:]], capsys)
     assert code == 2 and "share a NAME" in err
+
+
+def test_time_to_quality_in_minutes_trains_the_measured_steps_and_plots_runs(capsys, tmp_path, monkeypatch):
+    """--minutes gives each variant the train steps budget.train_steps_in measures for it (stubbed: 3 for the
+    plain variant, 5 for a batch of 4); --plot draws earlier runs' JSONs without training."""
+    monkeypatch.setattr(time_to_quality, "train_steps_in", lambda minutes, cfg: 3 if cfg.optim.batch_size == 8 else 5)
+    args = ["--dataset", "digits", "--variant", "a:", "--variant", "b:batch_size=4", "--minutes", "0.5",
+            "--teacher-batch-size", "8", "--sampling-steps", "2", "--scales", "1", *N, "--out", tmp_path / "run",
+            "--no-progress"]  # fmt: skip
+    code, out, err = call(time_to_quality.main, args, capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "run" / "time_to_quality.json").read_text())
+    assert [(r["variant"], r["train_steps"]) for r in record["rows"]] == [("a", 3), ("b", 5)]
+    assert torch.load(tmp_path / "run" / "b" / "teacher.pt", weights_only=False)["train_step"] == 5
+    assert "0.5 minutes each" in out
+    code, out, err = call(time_to_quality.main, ["--plot", tmp_path / "run" / "time_to_quality.json", "--out",
+                                                 tmp_path / "fig"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "fig" / "time_to_quality_digits.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["time_to_quality_digits.png"]  # trains nothing
+    (tmp_path / "bad.json").write_text("{}")
+    code, _, err = call(time_to_quality.main, ["--plot", tmp_path / "bad.json", "--out", tmp_path / "fig2"], capsys)
+    assert code == 2 and "not a time_to_quality.json" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_mistake_is_one_line_and_exit_code_2(run_dir, capsys, tmp_path):
@@ -283,3 +308,122 @@ def test_guidance_variants_interval_saves_passes_and_a_student_refuses_negative_
     assert rows["student", "interval", 6.0]["evals_per_image"] == k
     assert "failed" in rows["student", "negative class", 3.0]
     assert 0 <= rows["teacher", "negative class", 3.0]["p_neg"] <= 1
+
+
+# --- guidance routes, and flow run directories ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flow_run_dir(tmp_path_factory) -> Path:
+    """A tiny rectified-flow digits run: teacher.pt and its guided student.pt (no step-distilled students)."""
+    out = tmp_path_factory.mktemp("flow_run")
+    optim = dict(batch_size=8, device="cpu")
+    cfg = TeacherConfig(arch="unet-tiny", prediction_type="flow_prediction")
+    train_teacher(with_optim(cfg, max_train_steps=5, **optim), out, progress=False)
+    distill_student(out / "teacher.pt", with_optim(DistillConfig(), max_train_steps=3, **optim), out, progress=False)
+    return out
+
+
+ROUTES_TINY = ["--dataset", "digits", "--arch", "unet-tiny", "--teacher-train-steps", "3", "--teacher-batch-size", "8",
+               "--distill-train-steps", "2", "--distill-batch-size", "8", "--scales", "1", "3", "--gft-scales", "1",
+               "3", "--sampling-steps", "3", "--extra-seeds", "--no-progress", *N]  # fmt: skip
+
+
+def test_guidance_routes_counts_every_route_the_same_way_and_the_student_pays_for_its_teacher(capsys, tmp_path):
+    """Tiny digits, every route: each stage trained once (the student reuses its formulation's teacher, and its
+    training compute is the teacher's plus its own), training evaluations counted by hooks (GFT's stop-gradient
+    pass, MG's EMA guide after mg_start, the distillation teacher's 2B), one pass per sampling step for the
+    one-pass routes and two for CFG at s = 3; the JSON, the figure and one table; a second run is refused."""
+    code, out, err = call(guidance_routes.main, [*ROUTES_TINY, "--out", tmp_path], capsys)
+    assert code == 0, err
+    stages = sorted(f"{r.teacher_key}/teacher.pt" for r in guidance_routes.ROUTES if not r.distilled)
+    stages += ["flow-student/student.pt", "student/student.pt"]
+    assert sorted(name for name in files(tmp_path) if name.endswith(".pt")) == sorted(stages)
+    assert {"guidance_routes_digits.json", "guidance_routes_digits.png"} <= set(files(tmp_path))
+    record = json.loads((tmp_path / "guidance_routes_digits.json").read_text())
+    training, k, B = record["training"], 3, 8
+    for prefix in ("", "flow-"):
+        cfg, student, gft, mg = (training[prefix + key] for key in ("cfg", "student", "gft", "mg"))
+        assert (cfg["train_images"], cfg["train_evals"]) == (3 * B, 3 * B)  # one forward per image and step
+        assert student["stages"][0] == cfg["stages"][0]  # the same teacher, trained once
+        assert student["train_images"] == cfg["train_images"] + 2 * B
+        assert student["train_evals"] == cfg["train_evals"] + 2 * (2 * B + B)  # teacher's CFG pair + the student
+        assert student["train_seconds"] > cfg["train_seconds"]
+        assert gft["train_evals"] == 3 * 2 * B  # + the stop-gradient unconditional pass
+        assert mg["train_evals"] == 3 * B + 2 * 2 * B  # + the EMA's pair from train step 0.25 x 3 on
+    evals = {(r["route"], r["scale"]): r["evals_per_image"] for r in record["rows"]}
+    one_pass = {("student", 1.0), ("student", 3.0), ("gft", 1.0), ("gft", 3.0), ("mg", 1.0), ("cfg", 1.0)}
+    assert evals == {(prefix + route, s): k if (route, s) in one_pass else 2 * k
+                     for prefix in ("", "flow-") for route, s in [*one_pass, ("cfg", 3.0)]}  # fmt: skip
+    assert sorted(r["route"] for r in record["best"]) == sorted(training)  # one best s per route
+    assert all(r["train_evals"] == training[r["route"]]["train_evals"] for r in record["rows"])
+    assert len(table_rows(out)) == len(record["rows"])
+    before = files(tmp_path)
+    code, out, err = call(guidance_routes.main, [*ROUTES_TINY, "--out", tmp_path], capsys)
+    refused = tmp_path / "guidance_routes_digits.json"
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: {refused} already exists; pass --overwrite to replace it, or choose "
+                                        "another --out"]  # fmt: skip
+    assert files(tmp_path) == before and not table_rows(out)
+
+
+def test_guidance_routes_trains_only_the_chosen_routes_and_merges_runs_made_apart(capsys, tmp_path):
+    """--routes student trains its teacher too (into cfg/) but scores only the student; --from-json puts two
+    runs into one table and figure without training, and refuses a route measured twice."""
+    code, _, err = call(guidance_routes.main, [*ROUTES_TINY, "--routes", "student", "--out", tmp_path / "a"], capsys)
+    assert code == 0, err
+    assert sorted(n for n in files(tmp_path / "a") if n.endswith(".pt")) == ["cfg/teacher.pt", "student/student.pt"]
+    code, _, err = call(guidance_routes.main, [*ROUTES_TINY, "--routes", "mg", "--out", tmp_path / "b"], capsys)
+    assert code == 0, err
+    parts = [tmp_path / part / "guidance_routes_digits.json" for part in ("a", "b")]
+    code, out, err = call(guidance_routes.main, ["--from-json", *parts, "--out", tmp_path / "c"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "c" / "guidance_routes_digits.json").read_text())
+    assert [(r["route"], r["scale"]) for r in record["rows"]] == [("student", 1.0), ("student", 3.0), ("mg", 1.0)]
+    assert sorted(files(tmp_path / "c")) == ["guidance_routes_digits.json", "guidance_routes_digits.png"]
+    code, _, err = call(guidance_routes.main, ["--from-json", parts[0], parts[0], "--out", tmp_path / "d"], capsys)
+    assert code == 2 and "in two files" in err
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_evals_per_image_is_what_a_flow_sampler_counts(sampler, flow_run_dir):
+    """evaluate.evals_per_image equals the evaluations the hooks count: n for Euler, 2n - 1 for Heun (its inner
+    grid points twice), doubled for the CFG teacher at s = 3; the pipe's own scheduler is left as it was."""
+    for name in ("teacher", "student"):
+        pipe = load_pipeline(flow_run_dir / f"{name}.pt", scheduler=sampler)
+        for steps in (1, 2, 5):
+            for s in (1.0, 3.0):
+                with harness.EvalCounter(pipe.model) as counter:
+                    pipe([0, 1], s, num_steps=steps, generator=0)
+                per_step = 2 * steps - 1 if sampler == "heun" else steps
+                passes = 2 if name == "teacher" and s == 3.0 else 1
+                timesteps = pipe.scheduler.timesteps.clone()
+                assert evals_per_image(pipe, s, steps) == counter.images / 2 == per_step * passes
+                assert torch.equal(pipe.scheduler.timesteps, timesteps)
+
+
+def test_frontier_and_guidance_variants_take_a_flow_run_with_its_own_samplers(flow_run_dir, capsys, tmp_path):
+    """A flow run's frontier routes are Euler and Heun (no DPM-Solver++, no divergence check), each spending at
+    most the budget (Euler all of it); guidance_variants converts EDM's sigma interval to flow timesteps."""
+    args = ["--run-dir", flow_run_dir, *N, "--budgets", "4", "8", "--scales", "1", "3", "--seed-budget", "4",
+            "--extra-seeds", "--out", tmp_path / "frontier"]  # fmt: skip
+    code, out, err = call(frontier.main, args, capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "frontier" / "frontier_digits.json").read_text())
+    assert record["divergence_check"] == [] and "no DPM-Solver++ divergence check" in out
+    assert {r["model"] for r in record["rows"]} == set(frontier.FLOW_ROUTES[:4])
+    spent = {(r["model"], r["budget"], r["scale"]): r["evals_per_image"] for r in record["rows"]}
+    assert spent["CFG teacher + Euler", 8, 3.0] == spent["guided student + Euler", 8, 3.0] == 8
+    assert spent["CFG teacher + Heun", 8, 3.0] == 6  # 2 passes x (2 x 2 - 1)
+    assert spent["guided student + Heun", 8, 1.0] == 7  # 4 Heun steps
+    assert all(r["evals_per_image"] <= r["budget"] for r in record["rows"])
+
+    from benchmarks import guidance_variants
+
+    args = ["--teacher", flow_run_dir / "teacher.pt", "--sampling-steps", "4", *N, "--out", tmp_path / "variants"]
+    code, out, err = call(guidance_variants.main, args, capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "variants" / "guidance_variants.json").read_text())
+    assert record["interval"] == [219, 844]  # t / (T - t) in (0.28, 5.42], T = 1000
+    rows = {(r["variant"], r["scale"]): r["evals_per_image"] for r in record["rows"]}
+    assert 4 < rows["interval", 3.0] < 8 and rows["plain", 3.0] == 8

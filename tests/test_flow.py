@@ -3,18 +3,20 @@ the training draw, CFG's identities on flow models, a flow teacher and student e
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 
 from cfg_minimal import Pipeline, TeacherConfig, UserError, load_checkpoint, load_pipeline, train_teacher, with_optim
 from cfg_minimal.distill import DistillConfig, distill_student, distillation_loss, make_student
 from cfg_minimal.flow import FlowMatchEulerScheduler, FlowMatchHeunScheduler, sample_sigmas, shift_sigmas
 from cfg_minimal.predictions import FLOW, eps_from_output, flow_alpha_sigma, to_x0, training_target, x0_from_output
 from cfg_minimal.schedulers import SCHEDULERS, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from cfg_minimal.step_distill import StepDistillConfig, halve_sampling_steps
 from cfg_minimal.train import diffusion_loss, training_point
 
 diffusers = pytest.importorskip("diffusers")
@@ -314,8 +316,6 @@ def test_the_samplers_refuse_the_other_process(flow_run, tmp_path):
     with pytest.raises(UserError, match="euler is a rectified-flow sampler"):
         load_pipeline(tmp_path / "eps.pt", scheduler="euler")
     assert isinstance(load_pipeline(tmp_path / "eps.pt").scheduler, DDIMScheduler)  # an eps model's own: DDIM
-    with pytest.raises(UserError, match="rectified-flow student"):
-        halve_sampling_steps(flow_run / "student.pt", StepDistillConfig(), tmp_path, progress=False)
     ckpt = load_checkpoint(flow_run / "teacher.pt")
     ckpt["scheduler_config"]["prediction_type"] = "epsilon"  # an edited config: the weights are a flow model's
     save_checkpoint(tmp_path / "edited.pt", ckpt)
@@ -337,11 +337,11 @@ def test_heun_refuses_a_step_out_of_order_and_every_sampler_a_timestep_off_its_g
             sampler.step(v, 123.0, x)
 
 
-def test_timestep_sampling_is_checked_before_any_data_is_read():
-    with pytest.raises(UserError, match="logit_normal is SD3's, for flow_prediction"):
-        train_teacher(TeacherConfig(timestep_sampling="logit_normal"), "unused-out", progress=False)
-    with pytest.raises(UserError, match="choose logit_normal or uniform"):
-        train_teacher(TeacherConfig(prediction_type=FLOW, timestep_sampling="cosine"), "unused-out", progress=False)
+@pytest.mark.parametrize("prediction_type", ["epsilon", FLOW])
+def test_timestep_sampling_is_checked_before_any_data_is_read(prediction_type):
+    cfg = TeacherConfig(prediction_type=prediction_type, timestep_sampling="cosine", data_dir="/nonexistent")
+    with pytest.raises(UserError, match="timestep_sampling must be logit_normal or uniform, got 'cosine'"):
+        train_teacher(cfg, "unused-out", progress=False)
 
 
 def test_the_cli_sets_the_flow_fields():
@@ -351,3 +351,31 @@ def test_the_cli_sets_the_flow_fields():
     teacher = train_mnist.configs_from(args)["teacher"]
     assert (teacher.prediction_type, teacher.timestep_sampling) == (FLOW, "uniform")
     assert train_mnist.configs_from(train_mnist.parse_args([]))["teacher"].timestep_sampling is None
+
+
+def test_a_flow_run_dir_step_distils_from_the_cli_and_its_students_sample_and_evaluate(flow_run, tmp_path):
+    """train_mnist.py --stage step-distill on a flow run dir: each round's student on its own aligned Euler grid,
+    measured against the teacher at 64 Euler steps; then sample.py and cfg_minimal.evaluate read it."""
+    import sample
+    from cfg_minimal import evaluate
+
+    cmd = [sys.executable, str(REPO / "train_mnist.py"), "--stage", "step-distill", "--student",
+           str(flow_run / "student.pt"), "--teacher", str(flow_run / "teacher.pt"), "--start-sampling-steps", "4",
+           "--target-sampling-steps", "1", "--round-train-steps", "2", "--round-batch-size", "8", "--eval-n", "20",
+           "--device", "cpu", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    one_step = load_checkpoint(tmp_path / "student_1steps.pt", kind="student")
+    assert one_step["sampling_steps"] == 1 and one_step["scheduler_config"]["aligned_base"] == 4
+    metrics = json.loads((tmp_path / "step_distill" / "metrics.json").read_text())
+    steps = {name: model["per_scale"][0]["sampling_steps"] for name, model in metrics["models"].items()}
+    assert steps == {"teacher 64 steps": 64, "student 2 steps": 2, "student 1 steps": 1}
+    evals = {name: model["per_scale"][-1]["evals_per_image"] for name, model in metrics["models"].items()}
+    assert evals == {"teacher 64 steps": 128, "student 2 steps": 2, "student 1 steps": 1}  # at s = 3: 1 pass a step
+    assert sample.main([str(tmp_path / "student_2steps.pt"), "--scales", "1", "3", "--n-per-class", "1",
+                        "--device", "cpu", "--out", str(tmp_path / "grid.png")]) == 0  # fmt: skip
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert evaluate.main(["--ckpt", str(tmp_path / "student_2steps.pt"), "--scales", "1", "--n", "20", "--device",
+                          "cpu", "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"]
+    assert [row["sampling_steps"] for model in rows.values() for row in model["per_scale"]] == [2]

@@ -14,7 +14,11 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["01_classifier_free_guidance.ipynb", "02_guidance_distillation.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_classifier_free_guidance.ipynb",
+        "02_guidance_distillation.ipynb",
+        "03_flow_matching_and_guidance_free.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -19,6 +19,8 @@ ARCHITECTURES: dict[str, tuple[type[DiffusionModel], dict[str, Any]]] = {
     # CIFAR-10's default: twice the width, two blocks per level, dropout as in DDPM's CIFAR model; 5.1M parameters
     "unet-cifar": (UNet, dict(base_channels=64, num_res_blocks=2, emb_dim=256, dropout=0.1)),
     "dit": (DiT, {"hidden_size": 96, "depth": 4}),
+    # the GPU's DiT (recipes.PROPOSED_GPU_RECIPES, not yet measured): patch 2, 4.1M parameters for 28x28 images
+    "dit-wide": (DiT, {"patch_size": 2, "hidden_size": 192, "depth": 6, "num_heads": 6}),
     "dit-tiny": (DiT, {"patch_size": 4, "hidden_size": 32, "depth": 2, "num_heads": 2}),
 }
 
