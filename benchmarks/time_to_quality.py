@@ -171,6 +171,10 @@ def run(args: argparse.Namespace) -> None:
     harness.require_positive(args, "teacher_train_steps", "teacher_batch_size")
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise UserError(f"--minutes must be a positive number, got {args.minutes}")
+    counted = [name for name, changes in variants if "max_train_steps" in changes]
+    if args.minutes is not None and counted:
+        raise UserError(f"--minutes sets every variant's train steps; variant {counted[0]} sets max_train_steps too: "
+                        "give one of them")  # fmt: skip
     configs = [variant_config(changes, args) for _, changes in variants]  # every variant checked before any trains
     classes = DATASETS[args.dataset].num_classes
     if args.n < 2 * classes:  # diversity needs two samples of every class

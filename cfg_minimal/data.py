@@ -215,7 +215,7 @@ register_dataset(
             classifier_train_steps=300, arch_overrides={"dit": {"distill_train_steps": 700}})
 )  # fmt: skip
 # The laptop recipe (MNIST; Fashion-MNIST by analogy, not measured): a rectified-flow teacher at batch 64 for
-# 5,500 train steps, what fits in 30 minutes on this project's 2-core CPU at the 0.31 s per train step measured
+# 5,500 train steps, what fits in 30 minutes on this project's 2-core CPU at the 0.32 s per train step measured
 # over a 30-minute run (`--teacher-minutes 30` fits the count to another machine). Chosen by the ablation in
 # docs/results.md: at equal train images the flow velocity target gave 0.908 accuracy at s = 1 where the eps
 # default gave 0.292 (v: 0.852); batch 64 beat 128 for eps.

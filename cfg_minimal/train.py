@@ -128,7 +128,8 @@ def check_min_snr(cfg: TeacherConfig) -> None:
         raise UserError(f"min_snr_gamma must be a positive number (5 is Hang et al.'s), got {gamma!r}")
     if is_flow(cfg.prediction_type) or cfg.objective != "diffusion":
         raise UserError(f"min_snr_gamma weights the plain eps / v loss; this run trains {cfg.prediction_type} with "
-                        f"objective {cfg.objective!r}: leave it out")  # fmt: skip
+                        f"objective {cfg.objective!r} (MNIST's recipe is a flow teacher): leave it out, or pass "
+                        "--prediction-type epsilon / v_prediction and --objective diffusion")  # fmt: skip
 
 
 def train_teacher(

@@ -393,6 +393,7 @@ STEPS = ["--teacher", "{run}/teacher.pt", "--run-dir", "{run}", "--n", "20", "--
     "name, args, message",
     [
         ("time_to_quality", [*TTQ, "--variant", "x:dataset=mnist"], "dataset is set for every variant by --dataset"),
+        ("time_to_quality", [*TTQ, "--minutes", "1", "--variant", "x:max_train_steps=5"], "--minutes sets every"),
         ("time_to_quality", [*TTQ, "--variant", "x:lr=1e-3,lr=2e-3"], "give each field once"),
         ("time_to_quality", [*TTQ, "--variant", "x:num_train_timesteps=1"], "num_train_timesteps=1 is out of range"),
         ("time_to_quality", [*TTQ, "--variant", "x:seed=-3"], "seed=-3 is out of range"),

@@ -157,6 +157,7 @@ def test_each_flag_sets_exactly_the_config_fields_it_names():
     from dataclasses import asdict
 
     import train_mnist
+    from cfg_minimal.data import DATASETS
 
     def flat(configs) -> dict:
         return {f"{stage}.{k}": v for stage, cfg in configs.items() for k, v in _flatten(asdict(cfg)).items()}
@@ -178,7 +179,11 @@ def test_each_flag_sets_exactly_the_config_fields_it_names():
         else:
             value = "cpu" if flag == "--device" else "elsewhere"
         changed = flat(train_mnist.configs_from(train_mnist.parse_args([flag, str(value)])))
-        assert {k for k in defaults if changed[k] != defaults[k]} == set(targets), flag
+        # --dataset also brings that data set's teacher recipe (recipes.teacher_config), and only it
+        recipe = {f"teacher.{k}" for k in DATASETS[value].teacher_settings} if flag == "--dataset" else set()
+        # ... and a compile mode asks for compiling
+        implied = {t.replace("compile_mode", "compile") for t in targets} if flag == "--compile-mode" else set()
+        assert {k for k in defaults if changed[k] != defaults[k]} == set(targets) | recipe | implied, flag
         assert all(changed[t] == value for t in targets), flag
 
 
