@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sampler", choices=sorted(SCHEDULERS),
                    help="default: the model's own, ddim (euler for a rectified-flow model)")  # fmt: skip
+    p.add_argument("--shift", type=float, help="a rectified-flow model's SD3/FLUX sigma shift (default: its own, 1)")
     p.add_argument("--negative-label", type=int, help="CFG's negative class: guide away from it (teacher only)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG's rescale phi in [0, 1] (teacher only)")
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_LO", "T_HI"),
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         out = output_path(args.out)
-        pipe = load_pipeline(args.ckpt, device=pick_device(args.device), scheduler=args.sampler)
+        pipe = load_pipeline(args.ckpt, device=pick_device(args.device), scheduler=args.sampler, shift=args.shift)
         steps = args.sampling_steps or pipe.sampling_steps
         start = time.perf_counter()
         guider = build_guider(args, pipe)

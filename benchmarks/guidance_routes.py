@@ -3,7 +3,9 @@
     python -m benchmarks.guidance_routes --dataset digits --data-dir ../shared/data       # all 8 routes, seeds 0 1 2
     python -m benchmarks.guidance_routes --dataset digits --data-dir ../shared/data --routes cfg student gft mg \\
         --out docs                                                          # the epsilon routes, for docs/
-    python -m benchmarks.guidance_routes --dataset mnist --data-dir ../shared/data        # MNIST (hours on a CPU)
+    python -m benchmarks.guidance_routes --dataset mnist --data-dir ../shared/data --routes flow-cfg flow-student \\
+        flow-gft flow-mg --teacher-train-steps 2750 --teacher-batch-size 64 --distill-train-steps 1500 \\
+        --sampling-steps 25                                     # MNIST's flow routes (100 min on a 2-core CPU)
     python -m benchmarks.guidance_routes --dataset digits --from-json A/guidance_routes_digits.json \\
         B/guidance_routes_digits.json                                       # one table of runs made apart
 

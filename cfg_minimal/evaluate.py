@@ -110,7 +110,8 @@ def sweep(
             if progress:
                 print(f"  {name:>8} s={s:<4g} accuracy {rows[-1]['accuracy']:.3f}  FD {rows[-1]['fd']:.2f}  "
                       f"diversity {rows[-1]['diversity']:.2f}", flush=True)  # fmt: skip
-        metrics["models"][name] = dict(kind="student" if pipe.is_student else "teacher", per_scale=rows)
+        sampler = dict(sampler=type(pipe.scheduler).__name__, shift=getattr(pipe.scheduler, "shift", None))
+        metrics["models"][name] = dict(kind="student" if pipe.is_student else "teacher", **sampler, per_scale=rows)
     if {"teacher", "student"} <= set(pipes):
         metrics["student_vs_teacher"] = [
             dict(scale=s, rel_l2=relative_l2(images["student"][s], images["teacher"][s]),
@@ -236,6 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="samples per scale and checkpoint")
     p.add_argument("--sampling-steps", type=int, default=None,
                    help="DDIM steps (default: each checkpoint's own, 50 unless step-distilled)")  # fmt: skip
+    p.add_argument("--shift", type=float, help="rectified-flow models' SD3/FLUX sigma shift (default: their own, 1)")
     p.add_argument("--batch-size", type=int, default=500, help="images sampled at once (default: 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="./data")
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-        pipes = [load_pipeline(path, device=device) for path in args.ckpt]
+        pipes = [load_pipeline(path, device=device, shift=args.shift) for path in args.ckpt]
         if args.n < 2 * pipes[0].num_classes:
             raise UserError(f"--n must be at least two samples per class ({2 * pipes[0].num_classes}), got {args.n}")
         named = dict(zip(model_names(args.ckpt, pipes), pipes))

@@ -38,7 +38,7 @@ from .errors import UserError
 from .guidance import Guider, GuiderState, guided_noise_pred, scale_tensor
 from .guiders import scheduled_scale
 from .models import DiffusionModel
-from .schedulers import SCHEDULERS, check_sampler, default_sampler
+from .schedulers import SCHEDULERS, check_sampler, default_sampler, with_shift
 
 DEFAULT_SAMPLING_STEPS = 50  # what num_steps defaults to, unless a checkpoint was step-distilled
 # callback(i, t, x, x0_pred) after sampling step i at timestep t: the new sample and the predicted x_0
@@ -228,13 +228,15 @@ def sample_scale_grid(
 
 
 def load_pipeline(
-    path: str | Path, device: str | torch.device = "cpu", scheduler: str | None = None, weights: str = "ema"
-) -> Pipeline:
+    path: str | Path, device: str | torch.device = "cpu", scheduler: str | None = None, weights: str = "ema",
+    shift: float | None = None
+) -> Pipeline:  # fmt: skip
     """Rebuild a Pipeline from one checkpoint (teacher or student), its EMA weights by default. `scheduler` is a
-    name in SCHEDULERS; None is the model's own: ddim, or euler for a rectified-flow model."""
+    name in SCHEDULERS; None is the model's own: ddim, or euler for a rectified-flow model. `shift`: a flow
+    model's SD3/FLUX sigma shift for sampling (None: the checkpoint's, 1 unless set)."""
     device = pick_device(str(device))
     ckpt = require(load_checkpoint(path), DATASET_KEYS, path)
-    config = ckpt["scheduler_config"]
+    config = with_shift(ckpt["scheduler_config"], shift, repr(str(path)), "sampling_steps" in ckpt)
     own = default_sampler(config)  # ddim, or euler for a flow model: the one a step-distilled model was trained on
     scheduler = own if scheduler is None else scheduler
     if scheduler not in SCHEDULERS:

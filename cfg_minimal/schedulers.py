@@ -440,6 +440,24 @@ def check_sampler(name: str, scheduler_config: dict, what: str) -> None:
                         f"{name} is a rectified-flow sampler: choose one of {vp}")  # fmt: skip
 
 
+def with_shift(scheduler_config: dict, shift: float | None, what: str, step_distilled: bool) -> dict:
+    """The scheduler_config with SD3/FLUX's sigma shift (flow.py) set to `shift` for sampling (None: unchanged).
+    A UserError for a VP model (no sigma grid to shift), a shift <= 0, or a step-distilled flow model at another
+    shift than it was trained on (its few steps fit that grid only)."""
+    if shift is None:
+        return scheduler_config
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if not predictions.is_flow(prediction):
+        raise UserError(f"--shift is the SD3/FLUX sigma shift of a rectified-flow sampler; {what} predicts "
+                        f"{prediction} on the VP process: leave it out")  # fmt: skip
+    if not shift > 0:
+        raise UserError(f"--shift must be a positive number (1 is no shift, SD3 samples with 3), got {shift}")
+    trained = scheduler_config.get("shift", 1.0)
+    if step_distilled and shift != trained:
+        raise UserError(f"{what} was step-distilled on the Euler grid of shift {trained:g}; sample it at that shift")
+    return {**scheduler_config, "shift": float(shift)}
+
+
 def training_scheduler(scheduler_config: dict) -> DDPMScheduler | FlowMatchEulerScheduler:
     """The forward process (add_noise, training_timesteps, training_target) that a checkpoint's scheduler_config
     describes, for the losses: rectified flow's for a flow model, else DDPM's beta schedule."""

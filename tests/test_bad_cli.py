@@ -213,6 +213,17 @@ def test_sample_out_ending_in_a_slash_is_a_folder(run, tmp_path, capsys):
     assert (tmp_path / "newdir" / "grid.png").is_file() and not (tmp_path / "newdir.png").exists()
 
 
+@pytest.mark.parametrize("cli", ["sample", "evaluate"])
+def test_a_shift_on_an_epsilon_model_is_one_line(cli, run, tmp_path, capsys):
+    out = tmp_path / "out"
+    if cli == "sample":
+        main, args = sample.main, [run / "teacher.pt", "--n-per-class", "1", *SMALL[2:], "--out", out / "g.png"]
+    else:
+        main, args = evaluate_cli.main, ["--ckpt", run / "teacher.pt", *SMALL, "--out", out]
+    refused(call(main, [*args, "--shift", "3"], capsys), "predicts epsilon on the VP process: leave it out")
+    assert not out.exists()
+
+
 # --- tracebacks ---------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from cfg_minimal import Pipeline, TeacherConfig, UserError, load_checkpoint, loa
 from cfg_minimal.distill import DistillConfig, distill_student, distillation_loss, make_student
 from cfg_minimal.flow import FlowMatchEulerScheduler, FlowMatchHeunScheduler, sample_sigmas, shift_sigmas
 from cfg_minimal.predictions import FLOW, eps_from_output, flow_alpha_sigma, to_x0, training_target, x0_from_output
-from cfg_minimal.schedulers import SCHEDULERS, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from cfg_minimal.schedulers import SCHEDULERS, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, with_shift
 from cfg_minimal.train import diffusion_loss, training_point
 
 diffusers = pytest.importorskip("diffusers")
@@ -321,6 +321,50 @@ def test_the_samplers_refuse_the_other_process(flow_run, tmp_path):
     save_checkpoint(tmp_path / "edited.pt", ckpt)
     with pytest.raises(UserError, match="trained with 'flow_prediction'"):
         load_pipeline(tmp_path / "edited.pt")
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_a_shift_given_at_loading_is_the_grid_the_pipeline_samples_on(flow_run, sampler):
+    pipe = load_pipeline(flow_run / "teacher.pt", scheduler=sampler, shift=3.0)
+    reference = FLOW_SAMPLERS[sampler](shift=3.0)
+    for scheduler in (pipe.scheduler, reference):
+        scheduler.set_timesteps(6)
+    assert torch.equal(pipe.scheduler.sigmas, reference.sigmas)
+    unshifted = load_pipeline(flow_run / "teacher.pt", scheduler=sampler).scheduler
+    unshifted.set_timesteps(6)
+    assert (pipe.scheduler.sigmas[1:-1] > unshifted.sigmas[1:-1]).all()  # s > 1: more steps at high noise
+
+
+def test_evaluate_samples_at_the_shift_given_and_records_it(flow_run, tmp_path):
+    from cfg_minimal import evaluate
+
+    args = ["--ckpt", str(flow_run / "teacher.pt"), "--scales", "1", "--n", "20", "--sampling-steps", "2"]
+    for shift in ("1", "3"):
+        assert evaluate.main([*args, "--shift", shift, "--device", "cpu", "--out", str(tmp_path / shift)]) == 0
+    fd = {}
+    for shift in ("1", "3"):
+        (model,) = json.loads((tmp_path / shift / "metrics.json").read_text())["models"].values()
+        assert model["sampler"] == "FlowMatchEulerScheduler" and model["shift"] == float(shift)
+        fd[shift] = model["per_scale"][0]["fd"]
+    assert fd["1"] != fd["3"]  # the same noise on another grid: other samples
+
+
+def test_a_shift_is_refused_where_it_means_nothing_or_breaks_a_grid(flow_run, tmp_path):
+    from cfg_minimal.checkpoint import save_checkpoint
+
+    with pytest.raises(UserError, match="positive number"):
+        load_pipeline(flow_run / "teacher.pt", shift=0.0)
+    few_step = {"num_train_timesteps": 1000, "prediction_type": FLOW, "shift": 2.0, "timestep_spacing": "aligned"}
+    assert with_shift(few_step, 2.0, "student_4steps.pt", step_distilled=True)["shift"] == 2.0  # its own: accepted
+    with pytest.raises(UserError, match="step-distilled on the Euler grid of shift 2"):
+        with_shift(few_step, 3.0, "student_4steps.pt", step_distilled=True)
+    ckpt = load_checkpoint(flow_run / "teacher.pt")  # relabelled as an eps model, as above
+    ckpt["scheduler_config"] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                                "prediction_type": "epsilon"}  # fmt: skip
+    ckpt["teacher_config"]["prediction_type"] = "epsilon"
+    save_checkpoint(tmp_path / "eps.pt", ckpt)
+    with pytest.raises(UserError, match="sigma shift of a rectified-flow sampler.*predicts epsilon"):
+        load_pipeline(tmp_path / "eps.pt", shift=3.0)
 
 
 def test_heun_refuses_a_step_out_of_order_and_every_sampler_a_timestep_off_its_grid():
