@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, tiny_model
 
 from cfg_minimal import Pipeline, TeacherConfig, UserError, load_checkpoint, load_pipeline, train_teacher, with_optim
+from cfg_minimal.checkpoint import save_checkpoint
 from cfg_minimal.distill import DistillConfig, distill_student, distillation_loss, make_student
 from cfg_minimal.flow import FlowMatchEulerScheduler, FlowMatchHeunScheduler, sample_sigmas, shift_sigmas
 from cfg_minimal.predictions import FLOW, eps_from_output, flow_alpha_sigma, to_x0, training_target, x0_from_output
@@ -293,6 +294,15 @@ def test_a_flow_teacher_and_its_student_record_flow_and_sample_with_euler(flow_r
         assert heun([1, 2], 3.0, num_steps=3, generator=0).shape == (2, 1, 16, 16)
 
 
+def relabel_as_eps(flow_ckpt, out) -> None:
+    """The same weights saved as an eps model: what the loaders decide from the scheduler_config alone."""
+    ckpt = load_checkpoint(flow_ckpt)
+    ckpt["scheduler_config"] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                                "prediction_type": "epsilon"}  # fmt: skip
+    ckpt["teacher_config"]["prediction_type"] = "epsilon"
+    save_checkpoint(out, ckpt)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmsolver++", "ddim-cfg++"])
 def test_a_flow_checkpoint_refuses_the_vp_samplers(flow_run, sampler):
     with pytest.raises(UserError, match="rectified-flow model.*sample it with euler or heun"):
@@ -306,13 +316,7 @@ def test_the_samplers_refuse_the_other_process(flow_run, tmp_path):
     for cls in FLOW_SAMPLERS.values():
         with pytest.raises(ValueError, match="ddim, ddpm or dpmsolver"):
             cls(prediction_type="epsilon")
-    ckpt = load_checkpoint(flow_run / "teacher.pt")  # the same weights, relabelled as an eps model
-    ckpt["scheduler_config"] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-                                "prediction_type": "epsilon"}  # fmt: skip
-    ckpt["teacher_config"]["prediction_type"] = "epsilon"
-    from cfg_minimal.checkpoint import save_checkpoint
-
-    save_checkpoint(tmp_path / "eps.pt", ckpt)
+    relabel_as_eps(flow_run / "teacher.pt", tmp_path / "eps.pt")
     with pytest.raises(UserError, match="euler is a rectified-flow sampler"):
         load_pipeline(tmp_path / "eps.pt", scheduler="euler")
     assert isinstance(load_pipeline(tmp_path / "eps.pt").scheduler, DDIMScheduler)  # an eps model's own: DDIM
@@ -350,19 +354,13 @@ def test_evaluate_samples_at_the_shift_given_and_records_it(flow_run, tmp_path):
 
 
 def test_a_shift_is_refused_where_it_means_nothing_or_breaks_a_grid(flow_run, tmp_path):
-    from cfg_minimal.checkpoint import save_checkpoint
-
     with pytest.raises(UserError, match="positive number"):
         load_pipeline(flow_run / "teacher.pt", shift=0.0)
     few_step = {"num_train_timesteps": 1000, "prediction_type": FLOW, "shift": 2.0, "timestep_spacing": "aligned"}
     assert with_shift(few_step, 2.0, "student_4steps.pt", step_distilled=True)["shift"] == 2.0  # its own: accepted
     with pytest.raises(UserError, match="step-distilled on the Euler grid of shift 2"):
         with_shift(few_step, 3.0, "student_4steps.pt", step_distilled=True)
-    ckpt = load_checkpoint(flow_run / "teacher.pt")  # relabelled as an eps model, as above
-    ckpt["scheduler_config"] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-                                "prediction_type": "epsilon"}  # fmt: skip
-    ckpt["teacher_config"]["prediction_type"] = "epsilon"
-    save_checkpoint(tmp_path / "eps.pt", ckpt)
+    relabel_as_eps(flow_run / "teacher.pt", tmp_path / "eps.pt")
     with pytest.raises(UserError, match="sigma shift of a rectified-flow sampler.*predicts epsilon"):
         load_pipeline(tmp_path / "eps.pt", shift=3.0)
 
